@@ -1,0 +1,157 @@
+"""CLIP text encoder (the text tower of CLIP ViT-L/14 for SD 1.x; OpenCLIP ViT-H for SD 2.x)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sdjax import configs
+from sdjax.layers import attention, layer_norm
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_positions: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # transformers' legacy configs say eos_token_id=2 and then pool at argmax(input_ids) (the highest id,
+    # <|endoftext|>); newer ones give the real id and pool at its first occurrence. Both are kept as they are.
+    eos_token_id: int = 2
+    bos_token_id: int = 0
+    pad_token_id: int = 1
+    projection_dim: int = 768
+
+    @classmethod
+    def sd15(cls) -> CLIPConfig:
+        return cls()
+
+    @classmethod
+    def tiny(cls, **overrides) -> CLIPConfig:
+        base = dict(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, projection_dim=32)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def from_transformers(cls, d: dict[str, Any]) -> CLIPConfig:
+        if "text_config" in d:  # a full CLIPModel config: the text tower is what SD uses
+            d = d["text_config"]
+        act = d.get("hidden_act", "quick_gelu")
+        if act not in ACTIVATIONS:
+            raise configs.UnsupportedConfigError(
+                f"text_encoder config field 'hidden_act' = {act!r} is not supported by sdjax "
+                f"(supported: {', '.join(ACTIVATIONS)})")
+        return cls(
+            vocab_size=d.get("vocab_size", 49408),
+            hidden_size=d.get("hidden_size", 512),
+            intermediate_size=d.get("intermediate_size", 2048),
+            num_layers=d.get("num_hidden_layers", 12),
+            num_heads=d.get("num_attention_heads", 8),
+            max_positions=d.get("max_position_embeddings", 77),
+            hidden_act=act,
+            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+            eos_token_id=d.get("eos_token_id", 2),
+            bos_token_id=d.get("bos_token_id", 0),
+            pad_token_id=d.get("pad_token_id", 1),
+            projection_dim=d.get("projection_dim", 512),
+        )
+
+    def to_transformers(self) -> dict[str, Any]:
+        return {
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "max_position_embeddings": self.max_positions,
+            "hidden_act": self.hidden_act,
+            "layer_norm_eps": self.layer_norm_eps,
+            "eos_token_id": self.eos_token_id,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "projection_dim": self.projection_dim,
+            "attention_dropout": 0.0,
+            "dropout": 0.0,
+            "initializer_factor": 1.0,
+            "initializer_range": 0.02,
+        }
+
+
+class TextOutput(NamedTuple):
+    last_hidden_state: jax.Array  # [B, L, D], after the final layer norm
+    pooled: jax.Array  # [B, D], the final-normed state at the end-of-text token
+    hidden_states: tuple[jax.Array, ...]  # num_layers + 1 entries: embeddings, then each layer (no final norm)
+
+
+class SelfAttention(nn.Module):
+    heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, l, c = x.shape  # [B, L, D]
+
+        def proj(name):
+            return nn.Dense(c, dtype=self.dtype, name=name)(x).reshape(b, l, self.heads, c // self.heads)
+
+        out = attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), causal=True).reshape(b, l, c)
+        return nn.Dense(c, dtype=self.dtype, name="out_proj")(out)
+
+
+class EncoderLayer(nn.Module):
+    config: CLIPConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, d = self.config, self.dtype
+        x = x + SelfAttention(cfg.num_heads, dtype=d, name="self_attn")(layer_norm(cfg.layer_norm_eps, "layer_norm1", d)(x))
+        h = layer_norm(cfg.layer_norm_eps, "layer_norm2", d)(x)
+        h = ACTIVATIONS[cfg.hidden_act](nn.Dense(cfg.intermediate_size, dtype=d, name="mlp_fc1")(h))
+        return x + nn.Dense(cfg.hidden_size, dtype=d, name="mlp_fc2")(h)
+
+
+class TextEncoder(nn.Module):
+    """token ids [B, L] int -> TextOutput. Clip skip k uses `final_norm(hidden_states[-1 - k])` (see `apply_final_norm`)."""
+
+    config: CLIPConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg, d = self.config, self.dtype
+        self.token_embedding = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=d, name="token_embedding")
+        self.position_embedding = nn.Embed(cfg.max_positions, cfg.hidden_size, dtype=d, name="position_embedding")
+        self.layers = [EncoderLayer(cfg, dtype=d, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.final_layer_norm = layer_norm(cfg.layer_norm_eps, "final_layer_norm", d)
+
+    def __call__(self, ids: jax.Array) -> TextOutput:
+        b, l = ids.shape
+        x = self.token_embedding(ids) + self.position_embedding(jnp.arange(l))[None]  # [B, L, D]
+        hidden = [x]
+        for layer in self.layers:
+            x = layer(x)
+            hidden.append(x)
+        last = self.final_layer_norm(x)
+        if self.config.eos_token_id == 2:
+            eos_at = jnp.argmax(ids, axis=-1)
+        else:
+            eos_at = jnp.argmax(ids == self.config.eos_token_id, axis=-1)
+        pooled = last[jnp.arange(b), eos_at]  # [B, D]
+        return TextOutput(last, pooled, tuple(hidden))
+
+    def apply_final_norm(self, h: jax.Array) -> jax.Array:
+        return self.final_layer_norm(h)

@@ -1,0 +1,277 @@
+"""Checkpoint keys <-> parameter pytrees, through explicit rule tables checked against `jax.eval_shape(init)`.
+
+A rule says: checkpoint key K holds the leaf at pytree path P, after transform T (conv kernels OIHW -> HWIO,
+linear weights [out, in] -> [in, out], everything else as is). The tables are written from the architecture
+(the config), never guessed from names or ranks. Loading is strict: a key no rule claims, a rule whose key
+is absent, or a tensor of the wrong shape raises and names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from sdjax.clip import CLIPConfig
+from sdjax.unet import UNetConfig
+from sdjax.vae import VAEConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the architecture its config describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    key: str  # the checkpoint key sdjax writes (the canonical one)
+    path: tuple[str, ...]  # where the tensor lives in the params pytree
+    transform: str  # "conv", "linear" or "copy"
+    aliases: tuple[str, ...] = ()  # other names the same tensor has in older checkpoints
+
+
+_TO_PYTREE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "conv": lambda w: np.transpose(w, (2, 3, 1, 0)),  # [O, I, kh, kw] -> [kh, kw, I, O]
+    "linear": lambda w: np.transpose(w),  # [O, I] -> [I, O]
+    # Old VAE checkpoints store the attention projections as 1x1 convs: [O, I, 1, 1] -> [I, O].
+    "conv1x1_linear": lambda w: np.transpose(w.reshape(w.shape[:2])),
+    "copy": lambda w: w,
+}
+_TO_CHECKPOINT: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "conv": lambda w: np.transpose(w, (3, 2, 0, 1)),
+    "linear": lambda w: np.transpose(w),
+    "copy": lambda w: w,
+}
+
+
+def _path(prefix: str) -> tuple[str, ...]:
+    """`down_blocks.0.resnets.1.conv1` -> ("down_blocks_0", "resnets_1", "conv1")."""
+    return tuple(re.sub(r"\.(\d+)", r"_\1", prefix).split("."))
+
+
+def conv(prefix: str, path: tuple[str, ...] | None = None) -> list[Rule]:
+    p = path or _path(prefix)
+    return [Rule(f"{prefix}.weight", p + ("kernel",), "conv"), Rule(f"{prefix}.bias", p + ("bias",), "copy")]
+
+
+def linear(prefix: str, path: tuple[str, ...] | None = None, bias: bool = True, aliases=()) -> list[Rule]:
+    p = path or _path(prefix)
+    rules = [Rule(f"{prefix}.weight", p + ("kernel",), "linear", tuple(f"{a}.weight" for a in aliases))]
+    if bias:
+        rules.append(Rule(f"{prefix}.bias", p + ("bias",), "copy", tuple(f"{a}.bias" for a in aliases)))
+    return rules
+
+
+def norm(prefix: str, path: tuple[str, ...] | None = None) -> list[Rule]:
+    p = path or _path(prefix)
+    return [Rule(f"{prefix}.weight", p + ("scale",), "copy"), Rule(f"{prefix}.bias", p + ("bias",), "copy")]
+
+
+def embedding(prefix: str, path: tuple[str, ...]) -> list[Rule]:
+    return [Rule(f"{prefix}.weight", path + ("embedding",), "copy")]
+
+
+def resnet(prefix: str, in_ch: int, out_ch: int, temb: bool) -> list[Rule]:
+    rules = norm(f"{prefix}.norm1") + conv(f"{prefix}.conv1") + norm(f"{prefix}.norm2") + conv(f"{prefix}.conv2")
+    if temb:
+        rules += linear(f"{prefix}.time_emb_proj")
+    if in_ch != out_ch:
+        rules += conv(f"{prefix}.conv_shortcut")
+    return rules
+
+
+def spatial_transformer(prefix: str, layers: int, linear_projection: bool) -> list[Rule]:
+    proj = linear if linear_projection else conv
+    rules = norm(f"{prefix}.norm") + proj(f"{prefix}.proj_in") + proj(f"{prefix}.proj_out")
+    for i in range(layers):
+        b = f"{prefix}.transformer_blocks.{i}"
+        for attn in ("attn1", "attn2"):
+            for qkv in ("to_q", "to_k", "to_v"):
+                rules += linear(f"{b}.{attn}.{qkv}", bias=False)
+            rules += linear(f"{b}.{attn}.to_out.0")
+        rules += norm(f"{b}.norm1") + norm(f"{b}.norm2") + norm(f"{b}.norm3")
+        rules += linear(f"{b}.ff.net.0.proj") + linear(f"{b}.ff.net.2")
+    return rules
+
+
+def unet_rules(cfg: UNetConfig) -> list[Rule]:
+    rules = conv("conv_in") + linear("time_embedding.linear_1") + linear("time_embedding.linear_2")
+    chans = cfg.block_out_channels
+    n = len(chans)
+    skip_ch = [chans[0]]
+    prev = chans[0]
+    for i, ch in enumerate(chans):
+        attn = cfg.down_block_types[i] == "CrossAttnDownBlock2D"
+        for j in range(cfg.layers_per_block):
+            rules += resnet(f"down_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch, temb=True)
+            if attn:
+                rules += spatial_transformer(f"down_blocks.{i}.attentions.{j}", cfg.transformer_layers[i],
+                                             cfg.use_linear_projection)
+            skip_ch.append(ch)
+        if i < n - 1:
+            rules += conv(f"down_blocks.{i}.downsamplers.0.conv")
+            skip_ch.append(ch)
+        prev = ch
+    rules += resnet("mid_block.resnets.0", chans[-1], chans[-1], temb=True)
+    rules += spatial_transformer("mid_block.attentions.0", cfg.transformer_layers[-1], cfg.use_linear_projection)
+    rules += resnet("mid_block.resnets.1", chans[-1], chans[-1], temb=True)
+    prev = chans[-1]
+    for i, ch in enumerate(chans[::-1]):
+        block = n - 1 - i
+        attn = cfg.up_block_types[i] == "CrossAttnUpBlock2D"
+        for j in range(cfg.layers_per_block + 1):
+            rules += resnet(f"up_blocks.{i}.resnets.{j}", prev + skip_ch.pop(), ch, temb=True)
+            prev = ch
+            if attn:
+                rules += spatial_transformer(f"up_blocks.{i}.attentions.{j}", cfg.transformer_layers[block],
+                                             cfg.use_linear_projection)
+        if i < n - 1:
+            rules += conv(f"up_blocks.{i}.upsamplers.0.conv")
+    return rules + norm("conv_norm_out") + conv("conv_out")
+
+
+def _vae_mid(prefix: str, ch: int, attention: bool) -> list[Rule]:
+    rules = resnet(f"{prefix}.resnets.0", ch, ch, temb=False) + resnet(f"{prefix}.resnets.1", ch, ch, temb=False)
+    if attention:
+        a = f"{prefix}.attentions.0"
+        rules += norm(f"{a}.group_norm")
+        # diffusers < 0.14 named these query/key/value/proj_attn (and single-file exports as 1x1 convs).
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            rules += linear(f"{a}.{new}", aliases=(f"{a}.{old}",))
+    return rules
+
+
+def vae_rules(cfg: VAEConfig) -> list[Rule]:
+    chans = cfg.block_out_channels
+    n = len(chans)
+    rules = conv("encoder.conv_in")
+    prev = chans[0]
+    for i, ch in enumerate(chans):
+        for j in range(cfg.layers_per_block):
+            rules += resnet(f"encoder.down_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch, temb=False)
+        if i < n - 1:
+            rules += conv(f"encoder.down_blocks.{i}.downsamplers.0.conv")
+        prev = ch
+    rules += _vae_mid("encoder.mid_block", chans[-1], cfg.mid_block_add_attention)
+    rules += norm("encoder.conv_norm_out") + conv("encoder.conv_out")
+
+    rules += conv("decoder.conv_in") + _vae_mid("decoder.mid_block", chans[-1], cfg.mid_block_add_attention)
+    prev = chans[-1]
+    for i, ch in enumerate(chans[::-1]):
+        for j in range(cfg.layers_per_block + 1):
+            rules += resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch, temb=False)
+        if i < n - 1:
+            rules += conv(f"decoder.up_blocks.{i}.upsamplers.0.conv")
+        prev = ch
+    rules += norm("decoder.conv_norm_out") + conv("decoder.conv_out")
+    if cfg.use_quant_conv:
+        rules += conv("quant_conv")
+    if cfg.use_post_quant_conv:
+        rules += conv("post_quant_conv")
+    return rules
+
+
+def clip_rules(cfg: CLIPConfig) -> list[Rule]:
+    rules = embedding("embeddings.token_embedding", ("token_embedding",))
+    rules += embedding("embeddings.position_embedding", ("position_embedding",))
+    for i in range(cfg.num_layers):
+        k, p = f"encoder.layers.{i}", (f"layers_{i}",)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            rules += linear(f"{k}.self_attn.{name}", p + ("self_attn", name))
+        rules += norm(f"{k}.layer_norm1", p + ("layer_norm1",)) + norm(f"{k}.layer_norm2", p + ("layer_norm2",))
+        rules += linear(f"{k}.mlp.fc1", p + ("mlp_fc1",)) + linear(f"{k}.mlp.fc2", p + ("mlp_fc2",))
+    return rules + norm("final_layer_norm", ("final_layer_norm",))
+
+
+# Checkpoint entries that are buffers, not parameters: present in some files, never needed.
+CLIP_IGNORED = (re.compile(r"^embeddings\.position_ids$"),)
+# transformers < 5.6 wrote every CLIP text key under `text_model.`; 5.6 and later write none.
+CLIP_PREFIXES = ("text_model.",)
+
+
+def strip_prefixes(state: Mapping[str, np.ndarray], prefixes: Iterable[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        out[key] = value
+    return out
+
+
+def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any, *, source: str = "checkpoint",
+              ignored: Iterable[re.Pattern] = (), dtype=None) -> dict:
+    """Checkpoint tensors -> params pytree shaped like `abstract` (from `jax.eval_shape(model.init, ...)`)."""
+    expected = {path: leaf for path, leaf in traverse_util.flatten_dict(abstract).items()}
+    covered = {r.path for r in rules}
+    if covered != set(expected):
+        # The rule table and the module disagree: an sdjax bug, not a bad file.
+        missing = sorted("/".join(p) for p in set(expected) - covered)[:5]
+        extra = sorted("/".join(p) for p in covered - set(expected))[:5]
+        raise AssertionError(f"rule table out of step with the module: unruled {missing}, unknown {extra}")
+
+    remaining = dict(state)
+    flat, absent = {}, []
+    for rule in rules:
+        name = next((k for k in (rule.key, *rule.aliases) if k in remaining), None)
+        if name is None:
+            absent.append(rule.key)
+            continue
+        tensor = np.asarray(remaining.pop(name))
+        transform = rule.transform
+        if transform == "linear" and tensor.ndim == 4 and name in rule.aliases:
+            transform = "conv1x1_linear"
+        value = _TO_PYTREE[transform](tensor)
+        want = tuple(expected[rule.path].shape)
+        if value.shape != want:
+            raise CheckpointError(
+                f"{source}: '{name}' has shape {tuple(tensor.shape)}, but the config's architecture needs "
+                f"{_checkpoint_shape(rule, want)}")
+        flat[rule.path] = value if dtype is None else value.astype(dtype)
+    leftover = sorted(k for k in remaining if not any(p.search(k) for p in ignored))
+    if absent or leftover:
+        parts = []
+        if absent:
+            parts.append(f"missing key(s) {_few(absent)}")
+        if leftover:
+            parts.append(f"unexpected key(s) {_few(leftover)} (not part of the architecture in config.json)")
+        raise CheckpointError(f"{source}: " + "; ".join(parts))
+    return traverse_util.unflatten_dict(flat)
+
+
+def from_params(params: Any, rules: list[Rule]) -> dict[str, np.ndarray]:
+    """Params pytree -> checkpoint tensors under their canonical keys (float arrays keep their dtype)."""
+    flat = traverse_util.flatten_dict(params)
+    return {r.key: np.ascontiguousarray(_TO_CHECKPOINT[r.transform](np.asarray(flat[r.path]))) for r in rules}
+
+
+def _checkpoint_shape(rule: Rule, pytree_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(_TO_CHECKPOINT[rule.transform](np.empty(pytree_shape, dtype=np.int8)).shape)
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_dtype(dtype: Any) -> Any:
+    """'float32' | 'bfloat16' | 'float16' (or the jnp/np dtype) -> jnp dtype; anything else raises."""
+    if isinstance(dtype, str):
+        if dtype in DTYPES:
+            return DTYPES[dtype]
+    else:
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            name = None
+        if name in DTYPES:
+            return DTYPES[name]
+    raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")

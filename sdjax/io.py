@@ -1,0 +1,534 @@
+"""Files, hub downloads, safetensors and the CLIP tokenizer.
+
+Everything sdjax reads from disk goes through this module. Weights are read only from safetensors
+files: sdjax never unpickles anything (``.bin``/``.ckpt``/``.pt``/``.pth`` files can run code when
+loaded), and torch is never imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import math
+import os
+import pathlib
+import re
+import struct
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+PathLike = str | os.PathLike
+
+COMPONENT_STEMS: dict[str, str] = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+LOCAL_FOLDER_HINT = (
+    "Pass a local diffusers-format folder instead (one holding model_index.json, unet/, vae/, "
+    "text_encoder/, tokenizer/, scheduler/), e.g. `sdjax --model /path/to/folder` or "
+    '`load_pipeline("/path/to/folder")`.'
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("bool"),
+}
+_NP_TO_ST: dict[np.dtype, str] = {dtype.newbyteorder("="): name for name, dtype in ST_DTYPES.items()}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model folder or hub id could not be resolved to a folder on disk."""
+
+
+class PickledWeightsError(FileNotFoundError):
+    """A folder holds only pickled weights (``.bin``/``.ckpt``/...), which sdjax refuses to load."""
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file is truncated, corrupt or inconsistent with other shards."""
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """True for strings shaped like a Hugging Face repo id ``owner/name``."""
+    return bool(_HUB_ID.match(text)) and ".." not in text
+
+
+def resolve_model(path_or_id: PathLike, *, variant: str | None = None) -> pathlib.Path:
+    """Returns a local diffusers-format folder for a local path or a hub id ``owner/name``.
+
+    A hub id is fetched with ``huggingface_hub.snapshot_download`` (or found in its cache when
+    ``HF_HUB_OFFLINE=1``), restricted to the configs, tokenizer, scheduler and the safetensors
+    weights of unet/vae/text_encoder: only ``.fp16.`` weights when ``variant == "fp16"``, only
+    non-variant weights otherwise.
+    """
+    path = pathlib.Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(
+                f"{str(path)!r} is a file; sdjax loads diffusers-format folders, not single-file "
+                f"checkpoints. {LOCAL_FOLDER_HINT}"
+            )
+        return path
+    text = os.fspath(path_or_id)
+    if not looks_like_hub_id(text):
+        raise ModelNotFoundError(
+            f"Model folder {text!r} does not exist, and it is not a Hugging Face hub id like "
+            f"'owner/name'. {LOCAL_FOLDER_HINT}"
+        )
+    folder = _snapshot(text, hub_allow_patterns(variant))
+    missing = [c for c in COMPONENT_STEMS if not _has_safetensors(folder / c, COMPONENT_STEMS[c], variant)]
+    if missing and variant is not None:
+        warnings.warn(
+            f"{text!r} has no {variant!r} weights for {', '.join(missing)}; fetching the default weights.",
+            stacklevel=2,
+        )
+        folder = _snapshot(text, hub_allow_patterns(None, components=missing))
+    return folder
+
+
+def hub_allow_patterns(variant: str | None, components: Iterable[str] | None = None) -> list[str]:
+    """The ``allow_patterns`` of the files sdjax fetches from a diffusers repo on the hub."""
+    patterns = [
+        "model_index.json",
+        "scheduler/*.json",
+        "tokenizer/*.json",
+        "tokenizer/*.txt",
+    ]
+    for component in components or COMPONENT_STEMS:
+        stem = f"{component}/{COMPONENT_STEMS[component]}"
+        patterns.append(f"{component}/config.json")
+        if variant is None:
+            patterns += [f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}-*-of-*.safetensors"]
+        else:
+            patterns += [
+                f"{stem}.{variant}.safetensors",
+                f"{stem}.{variant}-*-of-*.safetensors",
+                *(f"{component}/{name}" for name in _variant_index_names(COMPONENT_STEMS[component], variant)),
+            ]
+    return patterns
+
+
+def _hub_cache_dir() -> pathlib.Path:
+    """The hub cache folder, read from the environment now (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return pathlib.Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return pathlib.Path(constants.HF_HUB_CACHE)
+
+
+def _hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, read from the environment now."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"} or constants.HF_HUB_OFFLINE
+
+
+def _snapshot(repo_id: str, allow_patterns: list[str]) -> pathlib.Path:
+    """Downloads (or finds in the cache) the allowed files of a hub repo, with a clear error on failure."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    offline = _hub_offline()
+    try:
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=allow_patterns,
+            cache_dir=_hub_cache_dir(),
+            local_files_only=offline,
+            library_name="sdjax",
+        )
+    except (RepositoryNotFoundError, GatedRepoError) as err:
+        raise ModelNotFoundError(
+            f"Hub repo {repo_id!r} does not exist or needs access rights (for a gated or private repo, "
+            f"accept its terms on huggingface.co and set HF_TOKEN or run `hf auth login`). "
+            f"{LOCAL_FOLDER_HINT}"
+        ) from err
+    except OSError as err:
+        reason = "HF_HUB_OFFLINE is set" if offline else f"the hub could not be reached ({type(err).__name__}: {err})"
+        raise ModelNotFoundError(
+            f"Could not get {repo_id!r}: {reason}, and it is not (completely) in the hub cache "
+            f"{str(_hub_cache_dir())!r}. {LOCAL_FOLDER_HINT}"
+        ) from err
+    return pathlib.Path(folder)
+
+
+def _variant_index_names(stem: str, variant: str) -> list[str]:
+    """Names a sharded variant index may have (diffusers/transformers now, diffusers legacy, other)."""
+    return [
+        f"{stem}.safetensors.index.{variant}.json",
+        f"{stem}.{variant}.safetensors.index.json",
+        f"{stem}.safetensors.{variant}.index.json",
+    ]
+
+
+def _weight_candidates(folder: pathlib.Path, stem: str, variant: str | None) -> list[tuple[str, list[str]]]:
+    """(single file, index files) pairs to try, in order of preference."""
+    plain = (f"{stem}.safetensors", [f"{stem}.safetensors.index.json"])
+    fp16 = (f"{stem}.fp16.safetensors", _variant_index_names(stem, "fp16"))
+    if variant is None:
+        return [plain, fp16]
+    wanted = (f"{stem}.{variant}.safetensors", _variant_index_names(stem, variant))
+    return [wanted, plain]
+
+
+def _has_safetensors(folder: pathlib.Path, stem: str, variant: str | None) -> bool:
+    """True when ``find_weights`` would find safetensors weights of the requested variant."""
+    single, indexes = _weight_candidates(folder, stem, variant)[0]
+    return any((folder / name).is_file() for name in [single, *indexes])
+
+
+def find_weights(folder: PathLike, stem: str, variant: str | None = None) -> list[pathlib.Path]:
+    """The safetensors file(s) holding a component's weights (several for a sharded checkpoint).
+
+    ``stem`` is ``"diffusion_pytorch_model"`` (unet/vae) or ``"model"`` (text encoder). With
+    ``variant="fp16"`` the ``.fp16.`` files are preferred; without a variant the plain files are
+    preferred and the fp16 ones accepted when they are the only ones.
+    """
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Weights folder {str(folder)!r} does not exist.")
+    for single, indexes in _weight_candidates(folder, stem, variant):
+        if (folder / single).is_file():
+            return [folder / single]
+        for index in indexes:
+            if (folder / index).is_file():
+                return _shards_of(folder / index)
+    pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickled:
+        raise PickledWeightsError(_pickled_message(folder, stem, pickled[0]))
+    raise FileNotFoundError(
+        f"No weights {stem}.safetensors (or a .fp16/sharded variant) in {str(folder)!r}; "
+        f"found {sorted(p.name for p in folder.iterdir())}."
+    )
+
+
+def _pickled_message(folder: pathlib.Path, stem: str, pickled: pathlib.Path) -> str:
+    """Explains why a pickled checkpoint is refused and how to convert it to safetensors."""
+    target = folder / f"{stem}.safetensors"
+    return (
+        f"{str(folder)!r} holds only pickled weights ({pickled.name}) and no {stem}.safetensors. "
+        "sdjax never unpickles files: unpickling can run arbitrary code. Convert it once to safetensors, "
+        "e.g. with PyTorch: `import torch; from safetensors.torch import save_file; "
+        f"save_file(torch.load({str(pickled)!r}, map_location='cpu', weights_only=True), {str(target)!r})`, "
+        "or load the model with diffusers/transformers and call "
+        "`save_pretrained(folder, safe_serialization=True)`."
+    )
+
+
+def _shards_of(index_path: pathlib.Path) -> list[pathlib.Path]:
+    """The shard files listed by a ``*.safetensors.index.json`` file, checked to exist."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SafetensorsError(f"Index {str(index_path)!r} has no 'weight_map' of tensor names to shard files.")
+    shards = [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"Shards {missing} listed in {str(index_path)!r} are missing.")
+    return shards
+
+
+def read_safetensors_header(path: PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """(tensor entries, metadata, byte offset of the data) of a safetensors file, validated."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Safetensors file {str(path)!r} does not exist.")
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise SafetensorsError(f"{str(path)!r} is not a safetensors file: only {file_size} bytes.")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > min(_MAX_HEADER_BYTES, file_size - 8):
+            raise SafetensorsError(
+                f"{str(path)!r} is truncated or not a safetensors file: header of {header_size} bytes "
+                f"in a file of {file_size} bytes."
+            )
+        raw = f.read(header_size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SafetensorsError(f"{str(path)!r} is corrupt: its header is not valid JSON ({err}).") from err
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{str(path)!r} is corrupt: its header is not a JSON object.")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_size
+    for key, entry in header.items():
+        _check_entry(path, key, entry, file_size - data_start)
+    return header, metadata, data_start
+
+
+def _check_entry(path: pathlib.Path, key: str, entry: Any, data_size: int) -> None:
+    """Raises ``SafetensorsError`` unless a header entry has a known dtype and in-bounds offsets."""
+    try:
+        dtype = ST_DTYPES[entry["dtype"]]
+        shape = [int(n) for n in entry["shape"]]
+        begin, end = (int(n) for n in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SafetensorsError(f"{str(path)!r}: bad or unsupported header entry for {key!r}: {entry!r}.") from err
+    if end > data_size:
+        raise SafetensorsError(
+            f"{str(path)!r} is truncated: tensor {key!r} ends at byte {end} of the data, "
+            f"which has only {data_size} bytes."
+        )
+    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
+        raise SafetensorsError(f"{str(path)!r} is corrupt: offsets {entry['data_offsets']} of {key!r} do not match "
+                               f"its dtype {entry['dtype']} and shape {shape}.")
+
+
+def read_safetensors(paths: PathLike | Sequence[PathLike]) -> dict[str, np.ndarray]:
+    """Reads the tensors of one or several (shard) safetensors files into numpy arrays.
+
+    Each tensor is read straight into its own array (no whole-file buffer). BF16 comes back as
+    ``ml_dtypes.bfloat16``. A tensor name found in two files is an error.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    tensors: dict[str, np.ndarray] = {}
+    origin: dict[str, pathlib.Path] = {}
+    for path in map(pathlib.Path, paths):
+        header, _, data_start = read_safetensors_header(path)
+        for key in header:
+            if key in origin:
+                raise SafetensorsError(f"Tensor {key!r} is in both {str(origin[key])!r} and {str(path)!r}.")
+            origin[key] = path
+        with open(path, "rb") as f:
+            for key, entry in sorted(header.items(), key=lambda item: int(item[1]["data_offsets"][0])):
+                tensors[key] = _read_tensor(f, path, key, entry, data_start)
+    return tensors
+
+
+def _read_tensor(f, path: pathlib.Path, key: str, entry: dict[str, Any], data_start: int) -> np.ndarray:
+    """Reads one tensor from an open file into a new array."""
+    array = np.empty([int(n) for n in entry["shape"]], dtype=ST_DTYPES[entry["dtype"]])
+    f.seek(data_start + int(entry["data_offsets"][0]))
+    if array.nbytes and f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+        raise SafetensorsError(f"{str(path)!r} is truncated: could not read all of {key!r}.")
+    return array
+
+
+def write_safetensors(tensors: Mapping[str, Any], path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Writes numpy (or jax) arrays to a safetensors file, atomically.
+
+    Tensors are laid out like the safetensors library does (largest item size first, then by name),
+    so every tensor's data is aligned to its item size.
+    """
+    arrays = {key: _little_endian(np.asarray(value)) for key, value in tensors.items()}
+    order = sorted(arrays, key=lambda key: (-arrays[key].dtype.itemsize, key))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for key in order:
+        array = arrays[key]
+        header[key] = {"dtype": _st_dtype(key, array), "shape": list(array.shape),
+                       "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with _atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key in order:
+            if arrays[key].nbytes:
+                f.write(memoryview(np.ascontiguousarray(arrays[key]).reshape(-1).view(np.uint8)))
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    """The array in little-endian byte order (a copy only when it was big-endian)."""
+    return array.astype(array.dtype.newbyteorder("<")) if array.dtype.byteorder == ">" else array
+
+
+def _st_dtype(key: str, array: np.ndarray) -> str:
+    """The safetensors dtype name of an array."""
+    try:
+        return _NP_TO_ST[array.dtype.newbyteorder("=")]
+    except KeyError:
+        raise TypeError(f"Tensor {key!r} has dtype {array.dtype}, which safetensors cannot store.") from None
+
+
+class _atomic_file:
+    """Context manager: a temp file beside ``path``, fsynced and renamed over ``path`` on success."""
+
+    def __init__(self, path: PathLike):
+        self.path = pathlib.Path(path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.file = os.fdopen(fd, "wb")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+                _fsync_dir(self.path.parent)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+        return False
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+    """Makes a rename durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(obj: Any, path: PathLike) -> None:
+    """Writes an object as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    with _atomic_file(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def read_json(path: PathLike) -> Any:
+    """Reads a JSON file, with errors that name the file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSON file {str(path)!r} does not exist.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}.") from err
+
+
+CLIP_VOCAB_PATH = pathlib.Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+CLIP_MAX_LENGTH = 77
+CLIP_BOS = "<|startoftext|>"
+CLIP_EOS = "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible map from bytes to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    codes = printable + [256 + n for n in range(len(extra))]
+    return dict(zip(printable + extra, map(chr, codes), strict=True))
+
+
+@functools.lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary (49,408 tokens) and BPE merges (48,894), derived from the shipped BPE file."""
+    lines = gzip.decompress(CLIP_VOCAB_PATH.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [CLIP_BOS, CLIP_EOS]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+class ClipTokenizer:
+    """CLIP text tokenizer with Stable Diffusion conventions: fixed-length int32 ids, padded and truncated.
+
+    Wraps a transformers ``CLIPTokenizer``; ``tokenizer(["a prompt", ...])`` gives ``[B, max_length]``.
+    """
+
+    def __init__(self, hf_tokenizer, max_length: int = CLIP_MAX_LENGTH):
+        self.hf = hf_tokenizer
+        self.max_length = int(max_length)
+        self.bos_id = int(hf_tokenizer.bos_token_id)
+        self.eos_id = int(hf_tokenizer.eos_token_id)
+        pad = hf_tokenizer.pad_token_id
+        self.pad_id = int(self.eos_id if pad is None else pad)
+
+    @classmethod
+    def sd15(cls) -> ClipTokenizer:
+        """The SD1.5 tokenizer, built from the vocabulary shipped with sdjax (no download)."""
+        from transformers import CLIPTokenizer
+
+        vocab, merges = clip_vocab_and_merges()
+        hf = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=CLIP_EOS,
+                           model_max_length=CLIP_MAX_LENGTH)
+        return cls(hf, CLIP_MAX_LENGTH)
+
+    @classmethod
+    def from_folder(cls, folder: PathLike) -> ClipTokenizer:
+        """A saved ``tokenizer/`` folder (tokenizer.json, or vocab.json + merges.txt)."""
+        from transformers import CLIPTokenizer
+
+        folder = pathlib.Path(folder)
+        has_files = (folder / "tokenizer.json").is_file() or (
+            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+        )
+        if not has_files:
+            raise FileNotFoundError(
+                f"Tokenizer folder {str(folder)!r} has neither tokenizer.json nor vocab.json + merges.txt."
+            )
+        hf = CLIPTokenizer.from_pretrained(str(folder))
+        if len(hf) < 1000:
+            raise ValueError(f"Tokenizer in {str(folder)!r} loaded with only {len(hf)} tokens; its files are broken.")
+        length = hf.model_max_length if 0 < hf.model_max_length < 1_000_000 else CLIP_MAX_LENGTH
+        return cls(hf, length)
+
+    def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """Token ids ``[B, max_length]`` int32: bos, tokens, eos, then pad; too-long prompts truncated."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        encoded = self.hf(list(prompts), add_special_tokens=True, verbose=False)["input_ids"] if prompts else []
+        ids_bl = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)
+        for row, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
+            ids = self._truncate(prompt, ids)
+            ids_bl[row, : len(ids)] = ids
+        return ids_bl
+
+    def _truncate(self, prompt: str, ids: list[int]) -> list[int]:
+        """Keeps bos, the first ``max_length - 2`` tokens and eos, warning about what was dropped."""
+        if len(ids) <= self.max_length:
+            return ids
+        dropped = ids[self.max_length - 1 : -1]
+        warnings.warn(
+            f"Prompt truncated: CLIP handles at most {self.max_length} tokens, so {len(dropped)} tokens "
+            f"were dropped: {self.decode(dropped)!r} (prompt starts {prompt[:40]!r}).",
+            stacklevel=3,
+        )
+        return ids[: self.max_length - 1] + [self.eos_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids, special tokens left out."""
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(model_folder: PathLike) -> ClipTokenizer:
+    """The tokenizer of a diffusers folder (``model_folder/tokenizer``), else the shipped SD1.5 one."""
+    folder = pathlib.Path(model_folder) / "tokenizer"
+    return ClipTokenizer.from_folder(folder) if folder.is_dir() else ClipTokenizer.sd15()

@@ -1,0 +1,198 @@
+"""Blocks shared by the CLIP text encoder, the UNet and the VAE, and the one attention function.
+
+Everything is NHWC. Submodule names follow the diffusers/transformers checkpoint names with `.N` written
+as `_N` (e.g. `to_out.0` -> `to_out_0`), so `convert.py` can state its rule table plainly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) -> jax.Array:
+    """Scaled dot-product attention; every attention in sdjax goes through here.
+
+    q: [B, Lq, H, D], k and v: [B, Lk, H, D] -> [B, Lq, H, D]. Scores and softmax are computed in float32
+    whatever the input dtype (what the reference's upcast paths do); the result has q's dtype.
+    """
+    b, lq, h, d = q.shape
+    scale = 1.0 / np.sqrt(d).astype(np.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    if causal:
+        lk = k.shape[1]
+        allowed = jnp.tril(jnp.ones((lq, lk), dtype=bool))  # [Lq, Lk]
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, Lq, Lk]
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def group_norm(groups: int, eps: float, name: str, dtype: Dtype) -> nn.GroupNorm:
+    # use_fast_variance=False: E[(x - mean)^2] as torch computes it, not E[x^2] - mean^2.
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def layer_norm(eps: float, name: str, dtype: Dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, padding=None) -> nn.Conv:
+    pad = kernel // 2 if padding is None else padding
+    if isinstance(pad, int):
+        pad = ((pad, pad), (pad, pad))
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype, name=name)
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch `F.interpolate(mode="nearest")` to `size` (source index floor(dst * in / out)). x: [B, H, W, C]."""
+    _, h, w, _ = x.shape
+    if size == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    rows = np.floor(np.arange(size[0]) * (h / size[0])).astype(np.int32)
+    cols = np.floor(np.arange(size[1]) * (w / size[1])).astype(np.int32)
+    return x[:, rows][:, :, cols]
+
+
+class ResnetBlock(nn.Module):
+    """diffusers `ResnetBlock2D` (default time-scale-shift, SiLU); `temb=None` for the VAE's blocks."""
+
+    out_channels: int
+    groups: int
+    eps: float
+    output_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        h = nn.silu(group_norm(self.groups, self.eps, "norm1", self.dtype)(x))
+        h = conv(self.out_channels, 3, "conv1", self.dtype)(h)
+        if temb is not None:
+            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))  # [B, C]
+            h = h + t[:, None, None, :]
+        h = nn.silu(group_norm(self.groups, self.eps, "norm2", self.dtype)(h))
+        h = conv(self.out_channels, 3, "conv2", self.dtype)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, "conv_shortcut", self.dtype)(x)
+        out = x + h
+        return out if self.output_scale == 1.0 else out / self.output_scale
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. padding=0 pads only bottom/right by one, as diffusers does for the VAE."""
+
+    channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
+        return conv(self.channels, 3, "conv", self.dtype, stride=2, padding=pad)(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling (x2, or to `size` when the skip connection is odd-sized), then a 3x3 conv."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        _, h, w, _ = x.shape
+        x = resize_nearest(x, size or (2 * h, 2 * w))
+        return conv(self.channels, 3, "conv", self.dtype)(x)
+
+
+class Attention(nn.Module):
+    """diffusers `Attention` as the UNet uses it: q from x, k/v from `context` (or x), no q/k/v bias."""
+
+    heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        b, lq, c = x.shape  # [B, Lq, C]
+        context = x if context is None else context  # [B, Lk, Cc]
+        inner = self.heads * self.head_dim
+
+        def proj(name, y):
+            y = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(y)
+            return y.reshape(b, y.shape[1], self.heads, self.head_dim)  # [B, L, H, D]
+
+        out = attention(proj("to_q", x), proj("to_k", context), proj("to_v", context))
+        out = out.reshape(b, lq, inner)
+        return nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
+
+
+class GEGLU(nn.Module):
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        return h * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    dim: int
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = GEGLU(self.dim * self.mult, dtype=self.dtype, name="net_0")(x)
+        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
+
+
+class TransformerBlock(nn.Module):
+    """diffusers `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, pre-norm."""
+
+    heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        d = self.dtype
+        x = x + Attention(self.heads, self.head_dim, dtype=d, name="attn1")(layer_norm(1e-5, "norm1", d)(x))
+        x = x + Attention(self.heads, self.head_dim, dtype=d, name="attn2")(layer_norm(1e-5, "norm2", d)(x), context)
+        return x + FeedForward(dim, dtype=d, name="ff")(layer_norm(1e-5, "norm3", d)(x))
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers `Transformer2DModel` (continuous input): GroupNorm, project in, blocks, project out, residual."""
+
+    heads: int
+    head_dim: int
+    num_layers: int
+    groups: int
+    linear_projection: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        inner = self.heads * self.head_dim
+        d = self.dtype
+        y = group_norm(self.groups, 1e-6, "norm", d)(x)
+        if self.linear_projection:
+            y = nn.Dense(inner, dtype=d, name="proj_in")(y.reshape(b, h * w, c))  # [B, HW, inner]
+        else:
+            y = conv(inner, 1, "proj_in", d)(y).reshape(b, h * w, inner)
+        for i in range(self.num_layers):
+            y = TransformerBlock(self.heads, self.head_dim, dtype=d, name=f"transformer_blocks_{i}")(y, context)
+        if self.linear_projection:
+            y = nn.Dense(c, dtype=d, name="proj_out")(y).reshape(b, h, w, c)
+        else:
+            y = conv(c, 1, "proj_out", d)(y.reshape(b, h, w, inner))
+        return x + y

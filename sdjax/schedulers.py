@@ -1,0 +1,536 @@
+"""Noise schedulers for Stable Diffusion as pure JAX functions.
+
+A sampler is a `Schedule` pytree (arrays + static fields) and a pure `step`
+function, so the whole denoising loop can be jitted as one `lax.fori_loop`:
+
+    sched = create("euler_a", SchedulerConfig.from_dict(cfg_json), 30)
+    x = jax.random.normal(k0, shape) * init_noise_sigma(sched)
+    state = init_state(sched, x)
+    def body(i, carry):
+        x, state, key = carry
+        key, sub = jax.random.split(key)
+        out = unet(scale_model_input(sched, x, i), sched.timesteps[i], ...)
+        x, state = step(sched, state, out, i, x, sub)
+        return x, state, key
+    x, _, _ = lax.fori_loop(0, sched.num_calls, body, (x, state, key))
+
+`i` is the *call index*: the i-th UNet evaluation. For every sampler but
+"pndm" there is one call per inference step; PNDM/PLMS with skip_prk_steps
+evaluates the UNet twice at the second step (num_calls = steps + 1).
+
+Samplers (names in `SCHEDULER_NAMES`), each reproducing the corresponding
+diffusers scheduler step for step:
+  pndm             PLMS, Liu et al. 2022, "Pseudo Numerical Methods for
+                   Diffusion Models on Manifolds" (PNDMScheduler, skip_prk_steps)
+  ddim             Song et al. 2021, "Denoising Diffusion Implicit Models" (eta)
+  euler            Karras et al. 2022, "Elucidating the Design Space of
+                   Diffusion-Based Generative Models", Alg. 1 (k-diffusion Euler)
+  euler_a          Euler ancestral (k-diffusion `sample_euler_ancestral`)
+  dpmpp_2m         Lu et al. 2022, "DPM-Solver++", multistep 2nd order (Alg. 2)
+  dpmpp_2m_karras  the same on Karras et al.'s rho=7 sigma ramp (eq. 5)
+  lms              linear multistep on sigmas (k-diffusion `sample_lms`)
+  ddpm             Ho et al. 2020, "Denoising Diffusion Probabilistic Models"
+
+Schedule tables are built in numpy exactly as diffusers builds them (torch's
+float32 linspace, a float64 cumprod cast to float32, float64 sigma ramps cast
+to float32) so that timesteps and coefficients agree with the torch reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+SCHEDULER_NAMES = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "ddpm")
+
+_ALPHA_BASED = ("pndm", "ddim", "ddpm")  # step on alphas_cumprod[t] with integer t
+_KARRAS_SIGMA = ("euler", "euler_a", "lms")  # x_sigma = x0 + sigma * eps, input scaled by 1/sqrt(sigma^2+1)
+_DPM = ("dpmpp_2m", "dpmpp_2m_karras")  # x_t = alpha_t x0 + sigma_t eps, alpha_t^2 + sigma_t^2 = 1
+_HISTORY = {"pndm": 4, "lms": 4, "dpmpp_2m": 1, "dpmpp_2m_karras": 1}
+
+_ALLOWED = {
+    "beta_schedule": ("linear", "scaled_linear"),
+    "prediction_type": ("epsilon", "v_prediction"),
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+}
+# Config fields whose other values would change the maths and are not implemented.
+_REQUIRED = {
+    "trained_betas": (None,),
+    "clip_sample": (False,),
+    "thresholding": (False,),
+    "rescale_betas_zero_snr": (False,),
+    "skip_prk_steps": (True,),
+    "timestep_type": ("discrete",),
+    "interpolation_type": ("linear",),
+    "final_sigmas_type": ("zero",),
+    "variance_type": (None, "fixed_small"),
+}
+
+
+def _bad_value(field: str, value: Any, allowed: tuple) -> ValueError:
+    return ValueError(f"unsupported {field}={value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The training noise schedule (from a diffusers `scheduler_config.json`).
+
+    Defaults are Stable Diffusion v1.5's. Sampler-specific fields of the json
+    (`_class_name`, `solver_order`, `use_karras_sigmas`, ...) are ignored: the
+    sampler is chosen by name in `create`.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+
+    def __post_init__(self):
+        for field, allowed in _ALLOWED.items():
+            if getattr(self, field) not in allowed:
+                raise _bad_value(field, getattr(self, field), allowed)
+        if self.num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SchedulerConfig":
+        """Reads a diffusers scheduler config dict; raises ValueError on values that matter but are unsupported."""
+        for field, allowed in _REQUIRED.items():
+            if field in d and d[field] not in allowed:
+                raise _bad_value(field, d[field], allowed)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float32): filled from both ends with a fused multiply-add."""
+    a, b = np.float32(start), np.float32(end)
+    step = np.float32((b - a) / np.float32(max(n - 1, 1)))
+    k = np.arange(n, dtype=np.float64)
+    lo = np.float64(a) + np.float64(step) * k
+    hi = np.float64(b) - np.float64(step) * (n - 1 - k)
+    return np.where(k < n // 2, lo, hi).astype(np.float32)
+
+
+def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """abar_t = prod_{s<=t} (1 - beta_s) [T] float32 (Ho et al. 2020, eq. 4 notation)."""
+    if config.beta_schedule == "linear":
+        betas = _torch_linspace_f32(config.beta_start, config.beta_end, config.num_train_timesteps)
+    else:  # scaled_linear: linear in sqrt(beta)
+        betas = _torch_linspace_f32(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps) ** 2
+    alphas = np.float32(1.0) - betas
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)  # torch accumulates cumprod in float64
+
+
+def _spaced_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
+    """The n inference timesteps, descending, float64 (unrounded for "linspace"); Lin et al. 2023, Table 2."""
+    T = config.num_train_timesteps
+    if config.timestep_spacing == "leading":
+        return (np.arange(n) * (T // n)).round()[::-1] + config.steps_offset
+    if config.timestep_spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / n)) - 1
+    return np.linspace(0, T - 1, n)[::-1]
+
+
+def _dpm_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
+    """DPMSolverMultistepScheduler's spacing: n+1 grid points with the last (t=0) dropped, int."""
+    T = config.num_train_timesteps
+    if config.timestep_spacing == "leading":
+        ts = (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + config.steps_offset
+    elif config.timestep_spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)) - 1
+    else:
+        ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+    return ts.astype(np.int64)
+
+
+def _plms_timesteps(ts: np.ndarray) -> np.ndarray:
+    """PLMS call timesteps: the second step is evaluated twice ([t0, t1, t1, t2, ...])."""
+    return np.concatenate([ts[:1], ts[1:2], ts[1:]]) if len(ts) > 1 else ts
+
+
+def _sigma_table(abar: np.ndarray) -> np.ndarray:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) [T] float32: the noise level of x_t / sqrt(abar_t)."""
+    return np.sqrt((np.float32(1.0) - abar) / abar)
+
+
+def _karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. (5): n sigmas from sigma_max down to sigma_min, float64."""
+    ramp = np.linspace(0, 1, n)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def _sigma_to_t(sigmas: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, interpolating linearly in log sigma."""
+    log_table = np.log(table)  # [T] ascending
+    log_s = np.log(np.maximum(sigmas, 1e-10))
+    low = np.clip(np.searchsorted(log_table, log_s, side="right") - 1, 0, len(table) - 2)
+    w = np.clip((log_table[low] - log_s) / (log_table[low] - log_table[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _lms_coefficients(sigmas: np.ndarray, order: int = 4) -> np.ndarray:
+    """[N, order] float32: c[i, k] = integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial of
+    sigma_{i-k} on the nodes sigma_i..sigma_{i-m+1}, m = min(i+1, order) (linear multistep, k-diffusion)."""
+    s = sigmas.astype(np.float64)
+    n = len(sigmas) - 1
+    coeffs = np.zeros((n, order))
+    for i in range(n):
+        nodes = [s[i - k] for k in range(min(i + 1, order))]
+        for k, node in enumerate(nodes):
+            basis = np.polynomial.Polynomial([1.0])
+            for other in nodes[:k] + nodes[k + 1 :]:
+                basis = basis * np.polynomial.Polynomial([-other, 1.0]) / (node - other)
+            antiderivative = basis.integ()
+            coeffs[i, k] = antiderivative(s[i + 1]) - antiderivative(s[i])
+    return coeffs.astype(np.float32)
+
+
+@struct.dataclass
+class Schedule:
+    """A sampler's precomputed tables. C = num_calls, T = num_train_timesteps."""
+
+    timesteps: jax.Array  # [C] UNet timestep per call: int32 (pndm, ddim, ddpm, dpmpp_*) or float32
+    alphas_cumprod: jax.Array  # [T] float32
+    prev_timesteps: jax.Array  # [C] int32 timestep stepped to (ddim, ddpm; -1 = past t=0); [0] otherwise
+    final_alpha_cumprod: jax.Array  # [] float32 abar used when the previous timestep is < 0
+    sigmas: jax.Array  # [C+1] float32 noise levels, last 0 (euler, euler_a, lms, dpmpp_*); [0] otherwise
+    lms_coeffs: jax.Array  # [C, 4] float32 (lms); [C, 0] otherwise
+    name: str = struct.field(pytree_node=False)
+    num_inference_steps: int = struct.field(pytree_node=False)
+    num_train_timesteps: int = struct.field(pytree_node=False)
+    prediction_type: str = struct.field(pytree_node=False)
+    timestep_spacing: str = struct.field(pytree_node=False)
+    eta: float = struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def num_calls(self) -> int:
+        """Number of UNet evaluations (= length of `timesteps`); static."""
+        return self.timesteps.shape[0]
+
+    @property
+    def order(self) -> int:
+        """diffusers' `scheduler.order` (calls per inference step in img2img slicing); 1 for all samplers here."""
+        return 1
+
+
+@struct.dataclass
+class State:
+    """Sampler memory carried across calls; fixed shapes, so it fits a fori_loop carry."""
+
+    history: jax.Array  # [K, *x] newest first: PLMS eps (K=4), LMS derivatives (K=4), DPM++ x0 (K=1); K=0 else
+    x_first: jax.Array  # [*x] PLMS: the sample at the first call (warm-up restarts from it); [0] otherwise
+    count: jax.Array  # [] int32 steps taken since init_state
+
+
+def create(name: str, config: SchedulerConfig, num_inference_steps: int, eta: float = 0.0) -> Schedule:
+    """Builds the schedule for sampler `name` with `num_inference_steps` steps (static: it sets shapes).
+
+    `eta` is DDIM's stochasticity (0 = deterministic DDIM, 1 = DDPM-like); other samplers reject eta != 0.
+    """
+    if name not in SCHEDULER_NAMES:
+        raise ValueError(f"unknown scheduler name={name!r}; allowed: {', '.join(SCHEDULER_NAMES)}")
+    if isinstance(config, Mapping):
+        config = SchedulerConfig.from_dict(config)
+    n, T = int(num_inference_steps), config.num_train_timesteps
+    if not 1 <= n <= T:
+        raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
+    if eta < 0 or (eta != 0 and name != "ddim"):
+        raise ValueError(f"eta={eta!r} is only supported for name='ddim' (eta >= 0)")
+    abar = alphas_cumprod(config)
+    table = _sigma_table(abar)
+    final = np.float32(1.0) if config.set_alpha_to_one or name == "ddpm" else abar[0]
+    prev = np.zeros((0,), np.int32)
+    sigmas = np.zeros((0,), np.float32)
+    if name in _ALPHA_BASED:
+        ts = _spaced_timesteps(config, n).round().astype(np.int64)
+        if name == "pndm":
+            ts = _plms_timesteps(ts)
+        elif name == "ddim":
+            prev = ts - T // n
+        else:
+            prev = np.concatenate([ts[1:], [-1]])
+    elif name in _KARRAS_SIGMA:
+        ts = _spaced_timesteps(config, n).astype(np.float32)
+        sigmas = np.interp(ts, np.arange(T), table)
+    elif name == "dpmpp_2m":
+        ts = _dpm_timesteps(config, n)
+        sigmas = np.interp(ts, np.arange(T), table)
+    else:
+        sigmas = _karras_sigmas(float(table[0]), float(table[-1]), n)
+        ts = _sigma_to_t(sigmas, table).round().astype(np.int64)
+    if name not in _ALPHA_BASED:
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    lms = _lms_coefficients(sigmas) if name == "lms" else np.zeros((len(ts), 0), np.float32)
+    return Schedule(
+        timesteps=jnp.asarray(ts, jnp.float32 if name in _KARRAS_SIGMA else jnp.int32),
+        alphas_cumprod=jnp.asarray(abar),
+        prev_timesteps=jnp.asarray(prev, jnp.int32),
+        final_alpha_cumprod=jnp.asarray(final, jnp.float32),
+        sigmas=jnp.asarray(sigmas),
+        lms_coeffs=jnp.asarray(lms),
+        name=name,
+        num_inference_steps=n,
+        num_train_timesteps=T,
+        prediction_type=config.prediction_type,
+        timestep_spacing=config.timestep_spacing,
+        eta=float(eta),
+    )
+
+
+def init_state(schedule: Schedule, latents: jax.Array) -> State:
+    """Empty sampler memory for latents x [*x]."""
+    k = _HISTORY.get(schedule.name, 0)
+    x_first = jnp.zeros_like(latents) if schedule.name == "pndm" else jnp.zeros((0,), latents.dtype)
+    return State(jnp.zeros((k, *latents.shape), latents.dtype), x_first, jnp.zeros((), jnp.int32))
+
+
+def init_noise_sigma(schedule: Schedule) -> jax.Array:
+    """Std of the initial latents x_T ~ N(0, s^2 I): sigma_max for Karras-sigma samplers (sqrt(sigma_max^2+1)
+    with "leading" spacing, as diffusers does), 1 otherwise."""
+    if schedule.name not in _KARRAS_SIGMA:
+        return jnp.float32(1.0)
+    sigma_max = jnp.max(schedule.sigmas)
+    return jnp.sqrt(sigma_max**2 + 1) if schedule.timestep_spacing == "leading" else sigma_max
+
+
+def scale_model_input(schedule: Schedule, x: jax.Array, i) -> jax.Array:
+    """UNet input at call i: x / sqrt(sigma_i^2 + 1) for Karras-sigma samplers (Karras et al. c_in), else x."""
+    if schedule.name not in _KARRAS_SIGMA:
+        return x
+    return x / jnp.sqrt(schedule.sigmas[i] ** 2 + 1)
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+    """Per-example scalars [] or [B] -> broadcastable against x [B, ...]."""
+    v = jnp.asarray(v)
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def _gaussian(key, noise, like: jax.Array, name: str) -> jax.Array:
+    if noise is not None:
+        return noise
+    if key is None:
+        raise ValueError(f"scheduler {name!r} is stochastic: pass key= (a jax PRNG key) or noise=")
+    return jax.random.normal(key, like.shape, like.dtype)
+
+
+def _abar(s: Schedule, t: jax.Array) -> jax.Array:
+    """abar_t, with abar_{t<0} = final_alpha_cumprod."""
+    return jnp.where(t >= 0, s.alphas_cumprod[jnp.maximum(t, 0)], s.final_alpha_cumprod)
+
+
+def _eps_x0(s: Schedule, out: jax.Array, x: jax.Array, abar: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(eps, x0) from the model output at x_t = sqrt(abar) x0 + sqrt(1-abar) eps (v = sqrt(abar) eps - sqrt(1-abar) x0)."""
+    a, b = jnp.sqrt(abar), jnp.sqrt(1 - abar)
+    if s.prediction_type == "v_prediction":
+        return a * out + b * x, a * x - b * out
+    return out, (x - b * out) / a
+
+
+def _denoised(s: Schedule, out: jax.Array, x: jax.Array, sigma: jax.Array) -> jax.Array:
+    """Karras et al.'s denoiser D(x; sigma) for x = x0 + sigma eps (the UNet saw x / sqrt(sigma^2+1))."""
+    if s.prediction_type == "v_prediction":
+        return out * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
+    return x - sigma * out
+
+
+def _push(history: jax.Array, value: jax.Array) -> jax.Array:
+    """history [K, *x] newest first -> value prepended, oldest dropped."""
+    return jnp.concatenate([value[None], history[:-1]], axis=0)
+
+
+def _pndm_transfer(x: jax.Array, eps: jax.Array, abar_t: jax.Array, abar_prev: jax.Array) -> jax.Array:
+    """Liu et al. 2022, eq. (9): phi(x_t, eps, t, t - delta), the DDIM step written for PNDM."""
+    denom = abar_t * jnp.sqrt(1 - abar_prev) + jnp.sqrt(abar_t * (1 - abar_t) * abar_prev)
+    return jnp.sqrt(abar_prev / abar_t) * x - (abar_prev - abar_t) * eps / denom
+
+
+def _adams_bashforth(e: jax.Array, order: jax.Array) -> jax.Array:
+    """Liu et al. 2022, eq. (12): linear-multistep eps' from e [4, *x] (newest first) of the given order."""
+    return jnp.select(
+        [order == 1, order == 2, order == 3],
+        [e[0], (3 * e[0] - e[1]) / 2, (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12],
+        (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24,
+    )
+
+
+def plms_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+    """PLMS (Liu et al. 2022) with the Heun-like warm start of diffusers' skip_prk_steps.
+
+    Call 0 takes a plain step t0 -> t1 and remembers x_{t0}; call 1 (same timestep t1 fed to the UNet)
+    restarts from x_{t0} with the average of both eps, a 2nd-order step t0 -> t1; later calls use
+    Adams-Bashforth of order 2, 3, 4 on the stored eps (call 1's eps is not stored).
+    """
+    n, ratio = state.count, s.num_train_timesteps // s.num_inference_steps
+    warm = n == 1
+    t = s.timesteps[i] + jnp.where(warm, ratio, 0)
+    t_prev = t - ratio
+    history = jnp.where(warm, state.history, _push(state.history, out))
+    e = jnp.where(warm, (out + state.history[0]) / 2, _adams_bashforth(history, jnp.clip(n, 1, 4)))
+    x_t = jnp.where(warm, state.x_first, x)
+    abar_t = _abar(s, t)
+    if s.prediction_type == "v_prediction":
+        e = jnp.sqrt(abar_t) * e + jnp.sqrt(1 - abar_t) * x_t
+    x_prev = _pndm_transfer(x_t, e, abar_t, _abar(s, t_prev))
+    return x_prev, State(history, jnp.where(n == 0, x, state.x_first), n + 1)
+
+
+def ddim_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+    """Song et al. 2021, eq. (12) with sigma_t = eta * sqrt((1-abar_prev)/(1-abar_t)) sqrt(1-abar_t/abar_prev) (eq. 16)."""
+    abar_t, abar_prev = _abar(s, s.timesteps[i]), _abar(s, s.prev_timesteps[i])
+    eps, x0 = _eps_x0(s, out, x, abar_t)
+    sigma = s.eta * jnp.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    x_prev = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1 - abar_prev - sigma**2) * eps
+    if s.eta > 0:
+        x_prev = x_prev + sigma * _gaussian(key, noise, x, s.name)
+    return x_prev, state.replace(count=state.count + 1)
+
+
+def ddpm_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+    """Ho et al. 2020: sample the posterior q(x_{t-1} | x_t, x0) (eqs. 6-7) with the "fixed small" variance beta~_t."""
+    t = s.timesteps[i]
+    abar_t, abar_prev = _abar(s, t), _abar(s, s.prev_timesteps[i])
+    alpha_t = abar_t / abar_prev
+    beta_t = 1 - alpha_t
+    _, x0 = _eps_x0(s, out, x, abar_t)
+    mean = (jnp.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 + (jnp.sqrt(alpha_t) * (1 - abar_prev) / (1 - abar_t)) * x
+    beta_tilde = jnp.maximum((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
+    z = _gaussian(key, noise, x, s.name)
+    return mean + jnp.where(t > 0, jnp.sqrt(beta_tilde), 0.0) * z, state.replace(count=state.count + 1)
+
+
+def euler_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+    """Karras et al. 2022, Alg. 1 without the 2nd-order correction: x += (x - D(x)) / sigma * (sigma_next - sigma)."""
+    sigma = s.sigmas[i]
+    d = (x - _denoised(s, out, x, sigma)) / sigma
+    return x + d * (s.sigmas[i + 1] - sigma), state.replace(count=state.count + 1)
+
+
+def euler_ancestral_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+    """Euler ancestral (k-diffusion): Euler to sigma_down, then add sigma_up fresh noise,
+    sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2, sigma_down^2 = sigma_next^2 - sigma_up^2."""
+    sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
+    sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
+    d = (x - _denoised(s, out, x, sigma)) / sigma
+    x_prev = x + d * (sigma_down - sigma) + _gaussian(key, noise, x, s.name) * sigma_up
+    return x_prev, state.replace(count=state.count + 1)
+
+
+def lms_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+    """Linear multistep on the probability-flow ODE dx/dsigma = (x - D(x)) / sigma (k-diffusion `sample_lms`):
+    x_next = x + sum_k c[i, k] d_{i-k}, c from integrating Lagrange polynomials (`_lms_coefficients`).
+    Missing history (first steps, or a start mid-schedule) contributes zero, as in diffusers."""
+    sigma = s.sigmas[i]
+    history = _push(state.history, (x - _denoised(s, out, x, sigma)) / sigma)
+    x_prev = x + jnp.tensordot(s.lms_coeffs[i], history, axes=1)
+    return x_prev, State(history, state.x_first, state.count + 1)
+
+
+def _alpha_sigma(sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """VP (alpha_t, sigma_t) of the Karras noise level: alpha = 1/sqrt(sigma^2+1)."""
+    alpha = 1 / jnp.sqrt(sigma**2 + 1)
+    return alpha, sigma * alpha
+
+
+def dpmpp_2m_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+    """DPM-Solver++(2M), Lu et al. 2022, Alg. 2 (midpoint form), in lambda = log(alpha_t / sigma_t):
+    x_t = (sigma_t/sigma_s) x - alpha_t (e^{-h} - 1) (D0 + D1/2), D0 = x0_s, D1 = (x0_s - x0_prev) / r, r = h_prev / h.
+    First order (DPM-Solver++1 = DDIM) on the first call after init_state and at the last step."""
+    alpha_s, sigma_s = _alpha_sigma(s.sigmas[i])
+    alpha_t, sigma_t = _alpha_sigma(s.sigmas[i + 1])
+    alpha_p, sigma_p = _alpha_sigma(s.sigmas[jnp.maximum(i - 1, 0)])
+    lam_s = jnp.log(alpha_s) - jnp.log(sigma_s)
+    lam_t = jnp.log(alpha_t) - jnp.log(sigma_t)
+    lam_p = jnp.log(alpha_p) - jnp.log(sigma_p)
+    if s.prediction_type == "v_prediction":
+        x0 = alpha_s * x - sigma_s * out
+    else:
+        x0 = (x - sigma_s * out) / alpha_s
+    h = lam_t - lam_s
+    first = sigma_t / sigma_s * x - alpha_t * (jnp.exp(-h) - 1.0) * x0
+    d1 = (x0 - state.history[0]) / ((lam_s - lam_p) / h)
+    second = first - 0.5 * (alpha_t * (jnp.exp(-h) - 1.0)) * d1
+    use_second = (state.count >= 1) & (i < s.num_calls - 1)
+    return jnp.where(use_second, second, first), State(_push(state.history, x0), state.x_first, state.count + 1)
+
+
+_STEPS = {
+    "pndm": plms_step,
+    "ddim": ddim_step,
+    "euler": euler_step,
+    "euler_a": euler_ancestral_step,
+    "dpmpp_2m": dpmpp_2m_step,
+    "dpmpp_2m_karras": dpmpp_2m_step,
+    "lms": lms_step,
+    "ddpm": ddpm_step,
+}
+
+
+def step(schedule: Schedule, state: State, model_output, i, x, key=None, noise=None) -> tuple[jax.Array, State]:
+    """One sampler step at call index i (may be traced): x [*x] at timesteps[i] -> x at the next noise level.
+
+    key: PRNG key, used only by stochastic samplers (euler_a, ddim with eta > 0, ddpm); noise: optional
+    explicit standard-normal noise [*x] replacing the draw from key.
+    """
+    return _STEPS[schedule.name](schedule, state, model_output, i, x, key, noise)
+
+
+def add_noise(schedule: Schedule, x0: jax.Array, noise: jax.Array, i) -> jax.Array:
+    """Noises clean latents x0 [B, ...] to the level of call index i ([] or [B], may be traced),
+    like diffusers' `scheduler.add_noise(x0, noise, timesteps[i])`."""
+    if schedule.name in _KARRAS_SIGMA:
+        return x0 + noise * _bcast(schedule.sigmas[i], x0)
+    if schedule.name in _DPM:
+        alpha, sigma = _alpha_sigma(_bcast(schedule.sigmas[i], x0))
+        return alpha * x0 + sigma * noise
+    return ddpm_add_noise(schedule.alphas_cumprod, x0, noise, schedule.timesteps[i])
+
+
+def first_call_index(schedule: Schedule, strength):
+    """Call index where img2img / inpainting starts for `strength` in [0, 1] (1 = from pure noise).
+
+    As diffusers' StableDiffusionImg2ImgPipeline.get_timesteps: init = min(int(N * strength), N),
+    t_start = max(N - init, 0), start = t_start * scheduler.order (order is 1 for all samplers here; for
+    "pndm" the remaining calls are then num_calls - start, including the duplicated call). The initial
+    latents are add_noise(schedule, x0, noise, start) and the loop runs i = start .. num_calls-1 from a
+    fresh init_state (multistep samplers restart their history there, as diffusers does).
+
+    A Python number gives a Python int. A traced strength (float32) gives an int32 array; its product
+    N * strength is nudged up by 1e-6 relative so float32 rounding (0.7f * 10 = 6.9999995) does not
+    floor one step short of the float64 result.
+    """
+    n = schedule.num_inference_steps
+    if isinstance(strength, (int, float)):
+        return max(n - min(int(n * strength), n), 0) * schedule.order
+    init = jnp.minimum(jnp.floor(n * jnp.asarray(strength, jnp.float32) * (1 + 1e-6)).astype(jnp.int32), n)
+    return jnp.maximum(n - init, 0) * schedule.order
+
+
+def ddpm_add_noise(alphas_cumprod: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """Forward process q(x_t | x0), Ho et al. 2020 eq. (4): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; t [] or [B] int."""
+    abar = _bcast(alphas_cumprod[t], x0)
+    return jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * noise
+
+
+def velocity(alphas_cumprod: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """v-prediction target (Salimans & Ho 2022, sec. 4): v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0; t [B] int."""
+    abar = _bcast(alphas_cumprod[t], x0)
+    return jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0
+
+
+def snr(alphas_cumprod: jax.Array, t: jax.Array) -> jax.Array:
+    """Signal-to-noise ratio abar_t / (1 - abar_t) [B] (e.g. for min-SNR loss weighting); t [B] int."""
+    abar = alphas_cumprod[t]
+    return abar / (1 - abar)

@@ -1,0 +1,216 @@
+"""AutoencoderKL: images [B, H, W, 3] in [-1, 1] <-> latents [B, H/8, W/8, 4], NHWC."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sdjax import configs
+from sdjax.layers import Downsample, ResnetBlock, Upsample, attention, conv, group_norm
+
+_FIXED = {
+    "act_fn": "silu",
+    "latents_mean": None,
+    "latents_std": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    sample_size: int = 512
+
+    @classmethod
+    def sd15(cls) -> VAEConfig:
+        return cls()
+
+    @classmethod
+    def tiny(cls, **overrides) -> VAEConfig:
+        base = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=32)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def from_diffusers(cls, d: dict[str, Any]) -> VAEConfig:
+        configs.check_fixed(d, _FIXED, "vae")
+        configs.check_choices(d, "down_block_types", ("DownEncoderBlock2D",), "vae")
+        configs.check_choices(d, "up_block_types", ("UpDecoderBlock2D",), "vae")
+        n = len(d["block_out_channels"])
+        for field in ("down_block_types", "up_block_types"):
+            if field in d and len(d[field]) != n:
+                raise configs.UnsupportedConfigError(
+                    f"vae config field '{field}' has {len(d[field])} entries but block_out_channels has {n}")
+        return cls(
+            in_channels=d.get("in_channels", 3),
+            out_channels=d.get("out_channels", 3),
+            block_out_channels=tuple(d["block_out_channels"]),
+            layers_per_block=configs.single_int(d, "layers_per_block", 2, "vae"),
+            latent_channels=d.get("latent_channels", 4),
+            norm_num_groups=d.get("norm_num_groups", 32),
+            scaling_factor=d.get("scaling_factor", 0.18215),
+            shift_factor=d.get("shift_factor"),
+            use_quant_conv=d.get("use_quant_conv", True),
+            use_post_quant_conv=d.get("use_post_quant_conv", True),
+            mid_block_add_attention=d.get("mid_block_add_attention", True),
+            sample_size=d.get("sample_size") or 512,
+        )
+
+    def to_diffusers(self) -> dict[str, Any]:
+        n = len(self.block_out_channels)
+        return {
+            "_class_name": "AutoencoderKL",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "act_fn": "silu",
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "sample_size": self.sample_size,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "use_quant_conv": self.use_quant_conv,
+            "use_post_quant_conv": self.use_post_quant_conv,
+            "mid_block_add_attention": self.mid_block_add_attention,
+        }
+
+
+class SpatialSelfAttention(nn.Module):
+    """The VAE mid-block attention: GroupNorm, one head over all H*W positions, residual."""
+
+    groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        y = group_norm(self.groups, 1e-6, "group_norm", self.dtype)(x).reshape(b, h * w, c)  # [B, HW, C]
+
+        def proj(name):
+            return nn.Dense(c, dtype=self.dtype, name=name)(y).reshape(b, h * w, 1, c)  # [B, HW, 1, C]
+
+        y = attention(proj("to_q"), proj("to_k"), proj("to_v")).reshape(b, h * w, c)
+        y = nn.Dense(c, dtype=self.dtype, name="to_out_0")(y)
+        return x + y.reshape(b, h, w, c)
+
+
+class MidBlock(nn.Module):
+    channels: int
+    groups: int
+    with_attention: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        h = ResnetBlock(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_0")(h)
+        if self.with_attention:
+            h = SpatialSelfAttention(self.groups, dtype=self.dtype, name="attentions_0")(h)
+        return ResnetBlock(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_1")(h)
+
+
+class ResnetStack(nn.Module):
+    """DownEncoderBlock2D / UpDecoderBlock2D: resnets, then a down- or upsampler (or neither)."""
+
+    channels: int
+    layers: int
+    groups: int
+    resample: str | None  # "down", "up" or None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        for j in range(self.layers):
+            h = ResnetBlock(self.channels, self.groups, 1e-6, dtype=self.dtype, name=f"resnets_{j}")(h)
+        if self.resample == "down":
+            h = Downsample(self.channels, padding=0, dtype=self.dtype, name="downsamplers_0")(h)
+        elif self.resample == "up":
+            h = Upsample(self.channels, dtype=self.dtype, name="upsamplers_0")(h)
+        return h
+
+
+class Encoder(nn.Module):
+    config: VAEConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, d = self.config, self.dtype
+        n = len(cfg.block_out_channels)
+        h = conv(cfg.block_out_channels[0], 3, "conv_in", d)(x)
+        for i, ch in enumerate(cfg.block_out_channels):
+            h = ResnetStack(ch, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None,
+                            dtype=d, name=f"down_blocks_{i}")(h)
+        h = MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dtype=d,
+                     name="mid_block")(h)
+        h = nn.silu(group_norm(cfg.norm_num_groups, 1e-6, "conv_norm_out", d)(h))
+        return conv(2 * cfg.latent_channels, 3, "conv_out", d)(h)
+
+
+class Decoder(nn.Module):
+    config: VAEConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        cfg, d = self.config, self.dtype
+        n = len(cfg.block_out_channels)
+        h = conv(cfg.block_out_channels[-1], 3, "conv_in", d)(z)
+        h = MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dtype=d,
+                     name="mid_block")(h)
+        for i, ch in enumerate(cfg.block_out_channels[::-1]):
+            h = ResnetStack(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < n - 1 else None,
+                            dtype=d, name=f"up_blocks_{i}")(h)
+        h = nn.silu(group_norm(cfg.norm_num_groups, 1e-6, "conv_norm_out", d)(h))
+        return conv(cfg.out_channels, 3, "conv_out", d)(h)
+
+
+class VAE(nn.Module):
+    """`encode(x) -> (mean, logvar)` of the diagonal Gaussian posterior; `decode(z) -> x`.
+
+    Latents here are the autoencoder's own; pipelines multiply by `config.scaling_factor` (after subtracting
+    `shift_factor`, if any) to get the diffusion model's latents, and undo it before `decode`.
+    """
+
+    config: VAEConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg, d = self.config, self.dtype
+        self.encoder = Encoder(cfg, dtype=d)
+        self.decoder = Decoder(cfg, dtype=d)
+        if cfg.use_quant_conv:
+            self.quant_conv = conv(2 * cfg.latent_channels, 1, "quant_conv", d)
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = conv(cfg.latent_channels, 1, "post_quant_conv", d)
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        moments = self.encoder(x.astype(self.dtype))  # [B, h, w, 2L]
+        if self.config.use_quant_conv:
+            moments = self.quant_conv(moments)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        z = z.astype(self.dtype)
+        if self.config.use_post_quant_conv:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean, _ = self.encode(x)
+        return self.decode(mean)
