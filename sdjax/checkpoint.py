@@ -61,8 +61,10 @@ def load(folder: str | os.PathLike, kind: str, *, dtype: Any = "float32", varian
         state = convert.strip_prefixes(state, k.prefixes)
     source = ", ".join(str(f) for f in files)
     params = convert.to_params(state, k.rules(config), abstract_params(kind, config), source=source,
-                               ignored=k.ignored, dtype=np.float32)
-    return config, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
+                               ignored=k.ignored)
+    del state
+    # Half-precision files cast through float32 so e.g. fp16 -> bf16 rounds once, from the exact value.
+    return config, jax.tree.map(lambda a: jnp.asarray(a.astype(np.float32, copy=False), dtype=dtype), params)
 
 
 def save(folder: str | os.PathLike, kind: str, config: Any, params: Any, *, dtype: Any = None) -> Path:

@@ -215,7 +215,7 @@ def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any,
         extra = sorted("/".join(p) for p in covered - set(expected))[:5]
         raise AssertionError(f"rule table out of step with the module: unruled {missing}, unknown {extra}")
 
-    remaining = dict(state)
+    remaining = dict(state)  # consumed as rules claim keys, so converted tensors can be freed early
     flat, absent = {}, []
     for rule in rules:
         name = next((k for k in (rule.key, *rule.aliases) if k in remaining), None)
@@ -232,7 +232,7 @@ def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any,
             raise CheckpointError(
                 f"{source}: '{name}' has shape {tuple(tensor.shape)}, but the config's architecture needs "
                 f"{_checkpoint_shape(rule, want)}")
-        flat[rule.path] = value if dtype is None else value.astype(dtype)
+        flat[rule.path] = value if dtype is None else value.astype(dtype, copy=False)
     leftover = sorted(k for k in remaining if not any(p.search(k) for p in ignored))
     if absent or leftover:
         parts = []

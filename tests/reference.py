@@ -74,3 +74,36 @@ def nhwc(x: torch.Tensor) -> np.ndarray:
 
 def max_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def tokenizer():
+    """The SD1.5 CLIP tokenizer as a transformers object (built from the vocabulary sdjax ships)."""
+    from sdjax.io import ClipTokenizer
+
+    return ClipTokenizer.sd15().hf
+
+
+def tiny_pipeline(seed: int = 0, scheduler: str = "PNDMScheduler", unet_config=None):
+    """A random tiny diffusers StableDiffusionPipeline (fp32, CPU) on the real SD1.5 tokenizer/scheduler."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    from sdjax.clip import CLIPConfig
+    from sdjax.pipeline import SD15_SCHEDULER
+    from sdjax.unet import UNetConfig
+    from sdjax.vae import VAEConfig
+
+    sched_cfg = {k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"}
+    sched = getattr(diffusers, scheduler).from_config(sched_cfg)
+    pipe = StableDiffusionPipeline(
+        vae=vae(VAEConfig.tiny().to_diffusers(), seed=seed + 1),
+        text_encoder=text_encoder(CLIPConfig.tiny().to_transformers(), seed=seed + 2),
+        tokenizer=tokenizer(),
+        unet=unet((unet_config or UNetConfig.tiny()).to_diffusers(), seed=seed + 3),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

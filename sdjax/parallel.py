@@ -1,0 +1,61 @@
+"""Data parallelism: a 1-D mesh over every device (all hosts), batch sharded, params replicated.
+
+Multi-host: call `jax.distributed.initialize()` (or `sdjax.parallel.initialize()`) in every process before
+loading a pipeline; `jax.devices()` then lists every host's devices and the same jitted call runs on all of
+them. Each process must pass the same prompts and seeds (each gets the whole batch back).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+def initialize(**kwargs) -> None:
+    """Multi-host start-up: `jax.distributed.initialize(**kwargs)` (coordinator, process count and id come
+    from the environment on TPU pods and SLURM; pass them on other clusters)."""
+    jax.distributed.initialize(**kwargs)
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices) if devices is not None else jax.devices()
+    return Mesh(np.array(devices), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(AXIS))
+
+
+def padded_size(batch: int, mesh: Mesh) -> int:
+    """The batch rounded up to a multiple of the device count."""
+    n = mesh.devices.size
+    return math.ceil(batch / n) * n
+
+
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """Pads axis 0 to `size` by repeating the last row (padding rows are computed, then trimmed)."""
+    if x.shape[0] == size:
+        return x
+    fill = np.repeat(x[-1:], size - x.shape[0], axis=0)
+    return np.concatenate([x, fill], axis=0)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    return jax.device_put(tree, replicated(mesh))
+
+
+def put_batch(tree: Any, mesh: Mesh) -> Any:
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+                        if jax.process_count() > 1 else jax.device_put(jnp.asarray(a), sharding), tree)

@@ -1,0 +1,264 @@
+"""`load_pipeline` and `Pipeline`: validated inputs in, images out; one jitted call per job and shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from sdjax import checkpoint, convert, io, parallel, sampling, schedulers
+from sdjax.clip import TextEncoder
+from sdjax.unet import UNet
+from sdjax.vae import VAE
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MAX_SEED = 2**32 - 1
+
+# diffusers scheduler classes -> sdjax sampler names (the checkpoint's own scheduler is the default).
+SCHEDULER_CLASSES = {
+    "PNDMScheduler": "pndm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "LMSDiscreteScheduler": "lms",
+    "DDPMScheduler": "ddpm",
+}
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "prediction_type": "epsilon", "timestep_spacing": "leading", "clip_sample": False,
+}
+
+
+def enable_compilation_cache(folder: str | os.PathLike | None = None) -> Path | None:
+    """Turns on JAX's persistent compilation cache so a second process skips compiling.
+
+    folder: defaults to $SDJAX_CACHE_DIR or ~/.cache/sdjax/xla; "" or "off" turns it off.
+    """
+    if folder is None:
+        folder = os.environ.get("SDJAX_CACHE_DIR", Path.home() / ".cache" / "sdjax" / "xla")
+    if str(folder) in ("", "off"):
+        return None
+    path = Path(folder).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+@dataclasses.dataclass
+class Generation:
+    """What a generation call returns; `pixels` [B, H, W, 3] float32 in [0, 1] are the raw arrays."""
+
+    images: list[Image.Image]
+    pixels: np.ndarray
+    latents: np.ndarray
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    settings: dict[str, Any]
+
+
+class _Progress:
+    """Host side of the progress callback ticked from inside the jitted loop (once per device per step)."""
+
+    def __init__(self):
+        self.bar = None
+        self.last = -1
+
+    def start(self, bar, first: int) -> None:
+        self.bar, self.last = bar, first - 1
+
+    def __call__(self, i) -> None:
+        i = int(i)
+        if self.bar is not None and i > self.last:
+            self.bar.update(i - self.last)
+            self.last = i
+
+
+class Pipeline:
+    """Stable Diffusion over every device: `txt2img` (and the tasks built on the same loop)."""
+
+    def __init__(self, models: sampling.Models, params: dict, tokenizer: io.ClipTokenizer,
+                 scheduler_config: dict, *, mesh=None, source: str = ""):
+        self.models = models
+        self.mesh = mesh if mesh is not None else parallel.make_mesh()
+        self.params = parallel.put_replicated(params, self.mesh)
+        self.tokenizer = tokenizer
+        self.scheduler_config = schedulers.SchedulerConfig.from_dict(scheduler_config)
+        self.default_scheduler = SCHEDULER_CLASSES.get(scheduler_config.get("_class_name"), "pndm")
+        if self.default_scheduler == "dpmpp_2m" and scheduler_config.get("use_karras_sigmas"):
+            self.default_scheduler = "dpmpp_2m_karras"
+        self.source = source
+        self.dtype = models.unet.dtype
+        self._progress = _Progress()
+        self._compiled: dict = {}
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    def _jitted(self, job: str, fn, static: tuple[str, ...]):
+        """One jitted function per job; jax caches its compilations per shape and static argument."""
+        if job not in self._compiled:
+            self._compiled[job] = jax.jit(functools.partial(fn, self.models), static_argnames=static,
+                                          out_shardings=parallel.batch_sharded(self.mesh))
+        return self._compiled[job]
+
+    def schedule(self, name: str | None, steps: int) -> schedulers.Schedule:
+        return schedulers.create(name or self.default_scheduler, self.scheduler_config, steps)
+
+    def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
+                steps: int = 50, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
+                seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
+                latents: np.ndarray | None = None, progress: bool | None = None) -> Generation:
+        """Text to image. One image per prompt; `seeds` is one int per image (an int s gives s, s+1, ...;
+        None draws random seeds, returned in the result). `latents` [B, h/8, w/8, 4] replaces the seeded
+        starting noise (unscaled standard normal, like the reference's `latents=`)."""
+        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
+        b = len(req.prompts)
+        shape = (b, height // self.models.vae_scale, width // self.models.vae_scale, self.models.latent_channels)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents must have shape {list(shape)} for {b} image(s) at {height}x{width}, "
+                                 f"got {list(latents.shape)}")
+        schedule = self.schedule(req.scheduler, steps)
+        size = parallel.padded_size(b, self.mesh)
+        batch = {
+            "ids": self.tokenizer(req.prompts),
+            "neg_ids": self.tokenizer(req.negative_prompts),
+            "seeds": np.asarray(req.seeds, np.uint32),
+        }
+        if latents is not None:
+            batch["latents"] = latents
+        batch = parallel.put_batch({k: parallel.pad_batch(v, size) for k, v in batch.items()}, self.mesh)
+        fn = self._jitted("txt2img", _txt2img_job, ("height", "width", "use_cfg", "progress"))
+        show = _want_progress(progress)
+        with _progress_bar(self._progress, schedule.num_calls, 0, show):
+            pixels, final = fn(self.params, parallel.put_replicated(schedule, self.mesh), batch,
+                               jnp.float32(guidance_scale), height=height, width=width,
+                               use_cfg=guidance_scale > 1.0, progress=self._progress if show else None)
+        pixels = np.asarray(jax.device_get(pixels))[:b]
+        settings = dict(steps=steps, guidance_scale=float(guidance_scale), height=height, width=width,
+                        scheduler=schedule.name, model=self.source, dtype=jnp.dtype(self.dtype).name)
+        return Generation(to_pil(pixels), pixels, np.asarray(jax.device_get(final))[:b], req.prompts,
+                          req.negative_prompts, req.seeds, settings)
+
+    def _validate(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler):
+        return validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
+                                self.models.vae_scale)
+
+
+def _txt2img_job(models, params, schedule, batch, guidance_scale, *, height, width, use_cfg, progress):
+    return sampling.txt2img(models, params, schedule, batch["ids"], batch["neg_ids"], batch["seeds"],
+                            guidance_scale, batch.get("latents"), height=height, width=width, use_cfg=use_cfg,
+                            progress=progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    scheduler: str | None
+
+
+def validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
+                     multiple: int = 8) -> Request:
+    """Checks every argument before any heavy work; errors name the argument and what is allowed."""
+    if isinstance(prompts, str):
+        prompts = [prompts] * (len(seeds) if isinstance(seeds, (list, tuple)) else 1)
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a non-empty list of strings")
+    b = len(prompts)
+    if negative_prompts is None:
+        negative_prompts = [""] * b
+    elif isinstance(negative_prompts, str):
+        negative_prompts = [negative_prompts] * b
+    negative_prompts = list(negative_prompts)
+    if len(negative_prompts) != b or not all(isinstance(p, str) for p in negative_prompts):
+        raise ValueError(f"negative_prompts must be a string or a list of {b} strings (one per prompt), "
+                         f"got {len(negative_prompts)} entries")
+    if seeds is None:
+        seeds = [secrets.randbelow(MAX_SEED + 1) for _ in range(b)]
+    elif isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        seeds = [(int(seeds) + i) % (MAX_SEED + 1) for i in range(b)]
+    seeds = list(seeds)
+    if len(seeds) != b:
+        raise ValueError(f"seeds must be an int or a list of {b} ints (one per prompt), got {len(seeds)}")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
+            raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {s!r}")
+    seeds = [int(s) for s in seeds]
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)) \
+            or not np.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < multiple \
+                or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+    if scheduler is not None and scheduler not in schedulers.SCHEDULER_NAMES:
+        raise ValueError(f"scheduler={scheduler!r} is not known; choose one of "
+                         f"{', '.join(schedulers.SCHEDULER_NAMES)}")
+    return Request(prompts, negative_prompts, seeds, scheduler)
+
+
+def to_pil(pixels: np.ndarray) -> list[Image.Image]:
+    """[B, H, W, 3] floats in [0, 1] -> PIL images (rounded as the reference does)."""
+    return [Image.fromarray(img) for img in (np.asarray(pixels) * 255).round().astype(np.uint8)]
+
+
+def _want_progress(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
+class _progress_bar:
+    def __init__(self, hook: _Progress, total: int, first: int, show: bool):
+        self.hook, self.total, self.first, self.show = hook, total, first, show
+
+    def __enter__(self):
+        if self.show:
+            from tqdm.auto import tqdm
+
+            self.hook.start(tqdm(total=self.total - self.first, desc="denoising", unit="step"), self.first)
+        return self
+
+    def __exit__(self, *exc):
+        jax.effects_barrier()
+        if self.hook.bar is not None:
+            self.hook.bar.close()
+        self.hook.start(None, 0)
+        return False
+
+
+def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = "float32",
+                  variant: str | None = None, devices: Sequence[jax.Device] | None = None,
+                  compilation_cache: str | os.PathLike | None = None) -> Pipeline:
+    """A diffusers-format folder or hub id -> Pipeline with params of `dtype` replicated on every device."""
+    dtype = convert.parse_dtype(dtype)
+    folder = io.resolve_model(path_or_id, variant=variant)
+    enable_compilation_cache(compilation_cache)
+    cfgs, params = {}, {}
+    for kind in ("text_encoder", "unet", "vae"):
+        cfgs[kind], params[kind] = checkpoint.load(folder / kind, kind, dtype=dtype, variant=variant)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = io.read_json(sched_path) if sched_path.exists() else dict(SD15_SCHEDULER)
+    models = sampling.Models(TextEncoder(cfgs["text_encoder"], dtype=dtype), UNet(cfgs["unet"], dtype=dtype),
+                             VAE(cfgs["vae"], dtype=dtype))
+    mesh = parallel.make_mesh(devices)
+    return Pipeline(models, params, io.load_tokenizer(folder), sched, mesh=mesh, source=str(path_or_id))

@@ -1,0 +1,146 @@
+"""The denoising loop: text encoding, initial latents, every UNet step with classifier-free guidance, VAE decode.
+
+All of it is one pure function, `generate`, jitted once per shape (image size, batch, step count, scheduler)
+by `Pipeline`. Prompts (as token ids), seeds and the guidance scale are traced arguments, so changing them
+never recompiles.
+
+Randomness: image b's key is `jax.random.key(seeds[b])`; its initial noise uses `fold_in(key, 0)` and the
+noise of step i (ancestral samplers) uses `fold_in(fold_in(key, 1), i)`. Nothing depends on the batch size,
+the position in the batch or the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sdjax import schedulers
+from sdjax.clip import TextEncoder
+from sdjax.unet import UNet
+from sdjax.vae import VAE
+
+NOISE_INIT, NOISE_STEPS, NOISE_POSTERIOR = 0, 1, 2  # fold_in tags of an image's key
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The three modules (static: hashable configs and dtype); their params travel separately."""
+
+    text_encoder: TextEncoder
+    unet: UNet
+    vae: VAE
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def image_keys(seeds: jax.Array) -> jax.Array:
+    """seeds [B] uint32 -> one PRNG key per image [B]."""
+    return jax.vmap(jax.random.key)(seeds)
+
+
+def normal_per_image(keys: jax.Array, tag: int, shape: tuple[int, ...], i=None) -> jax.Array:
+    """Standard normal noise [B, *shape], image b's drawn from its own key only."""
+
+    def draw(key):
+        key = jax.random.fold_in(key, tag)
+        if i is not None:
+            key = jax.random.fold_in(key, i)
+        return jax.random.normal(key, shape, jnp.float32)
+
+    return jax.vmap(draw)(keys)
+
+
+def encode_text(models: Models, params: dict, ids: jax.Array) -> jax.Array:
+    """Token ids [B, 77] -> the UNet's context, CLIP's last hidden state [B, 77, D]."""
+    return models.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+
+
+def to_vae_latents(models: Models, z: jax.Array) -> jax.Array:
+    cfg = models.vae.config
+    z = z / cfg.scaling_factor
+    return z + cfg.shift_factor if cfg.shift_factor else z
+
+
+def from_vae_latents(models: Models, z: jax.Array) -> jax.Array:
+    cfg = models.vae.config
+    if cfg.shift_factor:
+        z = z - cfg.shift_factor
+    return z * cfg.scaling_factor
+
+
+def decode(models: Models, params: dict, z: jax.Array) -> jax.Array:
+    """Diffusion latents [B, h, w, 4] -> pixels [B, 8h, 8w, 3] in [0, 1] (float32)."""
+    x = models.vae.apply({"params": params["vae"]}, to_vae_latents(models, z), method=VAE.decode)
+    return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def guided_eps(models: Models, params: dict, x: jax.Array, t: jax.Array, context: jax.Array,
+               guidance_scale: jax.Array, use_cfg: bool, extra: jax.Array | None = None) -> jax.Array:
+    """The UNet's prediction at x [B, h, w, C]; with CFG one call on the [uncond, cond] batch (context [2B, L, D]).
+
+    `extra` [B, h, w, E] is concatenated to the UNet input after x (the inpainting model's mask and image).
+    """
+    inp = x if extra is None else jnp.concatenate([x, extra.astype(x.dtype)], axis=-1)
+    if not use_cfg:
+        return models.unet.apply({"params": params["unet"]}, inp, t, context).astype(jnp.float32)
+    out = models.unet.apply({"params": params["unet"]}, jnp.concatenate([inp, inp]), t, context)
+    uncond, cond = jnp.split(out.astype(jnp.float32), 2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def denoise(models: Models, params: dict, schedule: schedulers.Schedule, x: jax.Array, context: jax.Array,
+            keys: jax.Array, guidance_scale: jax.Array, use_cfg: bool, first: Any = 0,
+            extra: jax.Array | None = None, after_step: Callable | None = None,
+            progress: Callable | None = None) -> jax.Array:
+    """Runs calls first .. num_calls-1 of the sampler on latents x [B, h, w, 4] (first may be traced).
+
+    after_step(i, x) -> x rewrites the latents after each step (inpainting by mask blending uses it);
+    progress(i) is called on the host after each step (it must tolerate repeats: one per device).
+    """
+    state = schedulers.init_state(schedule, x)
+    dtype = models.unet.dtype
+
+    def body(i, carry):
+        x, state = carry
+        x_in = schedulers.scale_model_input(schedule, x, i).astype(dtype)
+        eps = guided_eps(models, params, x_in, schedule.timesteps[i], context, guidance_scale, use_cfg, extra)
+        noise = normal_per_image(keys, NOISE_STEPS, x.shape[1:], i)
+        x, state = schedulers.step(schedule, state, eps, i, x, noise=noise)
+        if after_step is not None:
+            x = after_step(i, x)
+        if progress is not None:
+            jax.debug.callback(progress, i)
+        return x, state
+
+    x, _ = lax.fori_loop(first, schedule.num_calls, body, (x, state))
+    return x
+
+
+def txt2img(models: Models, params: dict, schedule: schedulers.Schedule, ids: jax.Array, neg_ids: jax.Array,
+            seeds: jax.Array, guidance_scale: jax.Array, latents: jax.Array | None, *, height: int, width: int,
+            use_cfg: bool, progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+    """Prompts (ids [B, 77]) -> (pixels [B, H, W, 3] in [0, 1], final latents [B, H/8, W/8, 4]).
+
+    latents: optional [B, H/8, W/8, 4] unscaled standard-normal starting noise (as the reference's `latents=`),
+    replacing the seeded draw.
+    """
+    context = encode_text(models, params, ids)
+    if use_cfg:
+        context = jnp.concatenate([encode_text(models, params, neg_ids), context])  # [2B, 77, D]
+    keys = image_keys(seeds)
+    shape = (height // models.vae_scale, width // models.vae_scale, models.latent_channels)
+    if latents is None:
+        latents = normal_per_image(keys, NOISE_INIT, shape)
+    x = latents.astype(jnp.float32) * schedulers.init_noise_sigma(schedule)
+    x = denoise(models, params, schedule, x, context, keys, guidance_scale, use_cfg, progress=progress)
+    return decode(models, params, x), x

@@ -1,0 +1,180 @@
+"""Loading diffusers-format folders: variants, key prefixes, and a clear error for every way a file can be wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from sdjax import checkpoint, configs, convert, io
+from sdjax.clip import CLIPConfig
+from sdjax.unet import UNetConfig
+from sdjax.vae import VAEConfig
+from tests import reference as ref
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory):
+    return ref.save(ref.vae(VAEConfig.tiny().to_diffusers()), tmp_path_factory.mktemp("ckpt") / "vae")
+
+
+@pytest.fixture
+def broken(vae_folder, tmp_path):
+    """A writable copy of the VAE folder and its state dict, for breaking."""
+    folder = tmp_path / "vae"
+    shutil.copytree(vae_folder, folder)
+    path = folder / "diffusion_pytorch_model.safetensors"
+    return folder, path, safetensors.numpy.load_file(path)
+
+
+def leaves_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_missing_key_is_named(broken):
+    folder, path, state = broken
+    del state["decoder.conv_in.weight"]
+    safetensors.numpy.save_file(state, path)
+    with pytest.raises(convert.CheckpointError, match=r"missing key\(s\) 'decoder.conv_in.weight'") as e:
+        checkpoint.load(folder, "vae")
+    assert str(path) in str(e.value)
+
+
+def test_extra_key_is_named(broken):
+    folder, path, state = broken
+    state["decoder.extra_layer.weight"] = np.zeros((3,), np.float32)
+    safetensors.numpy.save_file(state, path)
+    with pytest.raises(convert.CheckpointError, match=r"unexpected key\(s\) 'decoder.extra_layer.weight'"):
+        checkpoint.load(folder, "vae")
+
+
+def test_wrong_shape_is_named(broken):
+    folder, path, state = broken
+    state["encoder.conv_in.weight"] = np.zeros((32, 3, 5, 5), np.float32)
+    safetensors.numpy.save_file(state, path)
+    with pytest.raises(convert.CheckpointError,
+                       match=r"'encoder.conv_in.weight' has shape \(32, 3, 5, 5\).*needs \(32, 3, 3, 3\)"):
+        checkpoint.load(folder, "vae")
+
+
+def test_truncated_file_is_named(broken):
+    folder, path, _ = broken
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(io.SafetensorsError, match=str(path)):
+        checkpoint.load(folder, "vae")
+
+
+def test_missing_weights_and_config(broken):
+    folder, path, _ = broken
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+        checkpoint.load(folder, "vae")
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        checkpoint.load(folder, "vae")
+
+
+def test_pickled_only_folder_is_refused_without_unpickling(broken):
+    folder, path, _ = broken
+    path.unlink()
+    # Not a real pickle: if sdjax tried to unpickle it, the error would be an UnpicklingError instead.
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(io.PickledWeightsError, match=r"diffusion_pytorch_model\.bin.*safetensors"):
+        checkpoint.load(folder, "vae")
+
+
+def test_fp16_variant_is_accepted(vae_folder, tmp_path):
+    _, params32 = checkpoint.load(vae_folder, "vae")
+    torch_model = ref.vae(VAEConfig.tiny().to_diffusers())
+    folder = tmp_path / "vae"
+    torch_model.half().save_pretrained(folder, variant="fp16")
+    assert (folder / "diffusion_pytorch_model.fp16.safetensors").exists()
+    assert not (folder / "diffusion_pytorch_model.safetensors").exists()
+    _, params16 = checkpoint.load(folder, "vae", dtype="float16", variant="fp16")
+    _, params16_any = checkpoint.load(folder, "vae", dtype="float16")
+    assert leaves_equal(params16, params16_any)
+    expected = jax.tree.map(lambda a: np.asarray(a).astype(np.float16), params32)
+    assert leaves_equal(params16, expected)
+
+
+def test_clip_keys_with_and_without_text_model_prefix(tmp_path):
+    cfg = CLIPConfig.tiny()
+    folder = ref.save(ref.text_encoder(cfg.to_transformers()), tmp_path / "te")
+    _, plain = checkpoint.load(folder, "text_encoder")
+    path = folder / "model.safetensors"
+    state = safetensors.numpy.load_file(path)
+    assert not any(k.startswith("text_model.") for k in state)  # transformers >= 5.6 writes none
+    prefixed = {f"text_model.{k}": v for k, v in state.items()}
+    prefixed["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]  # old buffer
+    safetensors.numpy.save_file(prefixed, path)
+    _, old = checkpoint.load(folder, "text_encoder")
+    assert leaves_equal(plain, old)
+
+
+def test_old_vae_attention_names_are_accepted(broken, vae_folder):
+    folder, path, state = broken
+    _, params = checkpoint.load(vae_folder, "vae")
+    renamed = {}
+    for key, value in state.items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            if f"attentions.0.{new}." in key:
+                key = key.replace(f".{new}.", f".{old}.")
+                if key.endswith("weight"):
+                    value = value[:, :, None, None]  # single-file exports keep them as 1x1 convs
+        renamed[key] = value
+    assert any(".query." in k for k in renamed)
+    safetensors.numpy.save_file(renamed, path)
+    _, old = checkpoint.load(folder, "vae")
+    assert leaves_equal(params, old)
+
+
+def test_bad_dtype_names_the_argument(vae_folder):
+    with pytest.raises(ValueError, match=r"dtype='fp8' is not supported; use one of float32, bfloat16, float16"):
+        checkpoint.load(vae_folder, "vae", dtype="fp8")
+
+
+@pytest.mark.parametrize("field,value,pattern", [
+    ("class_embed_type", "timestep", r"unet config field 'class_embed_type' = 'timestep'"),
+    ("down_block_types", ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "DownBlock2D"],
+     r"unet config field 'down_block_types' = 'SimpleCrossAttnDownBlock2D'.*CrossAttnDownBlock2D, DownBlock2D"),
+    ("up_block_types", ["UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D"], r"'up_block_types' = 'AttnUpBlock2D'"),
+    ("addition_embed_type", "text_time", r"'addition_embed_type'"),
+    ("attention_head_dim", [2, 2], r"'attention_head_dim' = \[2, 2\].*a list of 3 ints"),
+    ("resnet_time_scale_shift", "scale_shift", r"'resnet_time_scale_shift'"),
+])
+def test_unsupported_unet_config_names_the_field(field, value, pattern):
+    d = UNetConfig.tiny().to_diffusers()
+    d[field] = value
+    with pytest.raises(configs.UnsupportedConfigError, match=pattern):
+        UNetConfig.from_diffusers(d)
+
+
+def test_unsupported_vae_and_clip_config_names_the_field():
+    d = VAEConfig.tiny().to_diffusers()
+    d["down_block_types"] = ["DownEncoderBlock2D", "AttnDownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"]
+    with pytest.raises(configs.UnsupportedConfigError, match=r"vae config field 'down_block_types'"):
+        VAEConfig.from_diffusers(d)
+    d = CLIPConfig.tiny().to_transformers()
+    d["hidden_act"] = "relu"
+    with pytest.raises(configs.UnsupportedConfigError, match=r"text_encoder config field 'hidden_act' = 'relu'"):
+        CLIPConfig.from_transformers(d)
+
+
+def test_fields_that_do_not_change_the_architecture_are_accepted(vae_folder, tmp_path):
+    d = UNetConfig.tiny().to_diffusers()
+    d.update({"_diffusers_version": "0.6.0", "_name_or_path": "x", "dropout": 0.0, "sample_size": 96,
+              "class_embed_type": None, "only_cross_attention": False, "dual_cross_attention": False,
+              "num_attention_heads": None, "timestep_post_act": None, "some_future_field": 3})
+    cfg = UNetConfig.from_diffusers(d)
+    assert cfg.heads == UNetConfig.tiny().heads and cfg.sample_size == 96
+    folder = tmp_path / "vae"
+    shutil.copytree(vae_folder, folder)
+    d = json.loads((folder / "config.json").read_text())
+    d.update({"force_upcast": False, "_class_name": "AutoencoderKL", "shift_factor": None})
+    (folder / "config.json").write_text(json.dumps(d))
+    assert checkpoint.load(folder, "vae")[0] == VAEConfig.tiny()
