@@ -39,8 +39,8 @@ to float32) so that timesteps and coefficients agree with the torch reference.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +103,7 @@ class SchedulerConfig:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SchedulerConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> SchedulerConfig:
         """Reads a diffusers scheduler config dict; raises ValueError on values that matter but are unsupported."""
         for field, allowed in _REQUIRED.items():
             if field in d and d[field] not in allowed:
@@ -507,9 +507,11 @@ def first_call_index(schedule: Schedule, strength):
     latents are add_noise(schedule, x0, noise, start) and the loop runs i = start .. num_calls-1 from a
     fresh init_state (multistep samplers restart their history there, as diffusers does).
 
-    A Python number gives a Python int. A traced strength (float32) gives an int32 array; its product
-    N * strength is nudged up by 1e-6 relative so float32 rounding (0.7f * 10 = 6.9999995) does not
-    floor one step short of the float64 result.
+    A Python number gives a Python int, exactly as diffusers computes it. A traced strength (float32) gives an
+    int32 array: floor(N * strength) in float32 nudged up by 1e-6 relative, which equals the exact decimal
+    result floor(N * strength) (checked for N <= 1000 and strengths with 3 decimals). It differs from diffusers'
+    float64 int() only where float64 lands just below an integer: e.g. N=50, strength=0.58 gives
+    int(28.999999999999996) = 28 there and 29 here. Pass a Python float where bit-parity matters.
     """
     n = schedule.num_inference_steps
     if isinstance(strength, (int, float)):

@@ -12,6 +12,9 @@ Stochastic samplers get the same per-call noise Z[k]: our `step(..., noise=Z[k])
 out Z[0], Z[1], ... in call order.
 """
 
+import math
+from fractions import Fraction
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -45,10 +48,10 @@ TORCH_SCHEDULERS = {
     "ddim": (diffusers.DDIMScheduler, {}),
     "euler": (diffusers.EulerDiscreteScheduler, {}),
     "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_karras": (
         diffusers.DPMSolverMultistepScheduler,
-        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
     "lms": (diffusers.LMSDiscreteScheduler, {}),
     "ddpm": (diffusers.DDPMScheduler, {}),
@@ -105,7 +108,7 @@ def run_torch(name, steps, x_T, R, Z, monkeypatch, eta=0.0, start=0, x_start=Non
         x_ins.append(sch.scale_model_input(x, t).numpy().copy())
         abar = sch.alphas_cumprod.numpy()
         outs.append(pseudo_model(x_ins[-1], t.item(), abar, R[k], sch.config.prediction_type))
-        kwargs = dict(eta=eta, variance_noise=torch.from_numpy(Z[k])) if name == "ddim" and eta > 0 else {}
+        kwargs = {"eta": eta, "variance_noise": torch.from_numpy(Z[k])} if name == "ddim" and eta > 0 else {}
         x = sch.step(torch.from_numpy(outs[-1]), t, x, **kwargs).prev_sample
         traj.append(x.numpy().copy())
     pad = [np.zeros((start, *SHAPE), np.float32)]  # index outputs by call index
@@ -126,8 +129,8 @@ def run_jax(sched, x, outs, Z, start=0):
     return jax.lax.fori_loop(start, sched.num_calls, body, (x, S.init_state(sched, x), zeros, zeros))[2:]
 
 
-def check_run(name, monkeypatch, steps=STEPS, eta=0.0, rtol=None, **overrides):
-    """Max abs error of the latents over all calls; must be <= 1e-5 (or rtol * max |x| when given)."""
+def check_run(name, monkeypatch, steps=STEPS, eta=0.0, tol=TOL, **overrides):
+    """Max abs error of the latents (and UNet inputs) over all calls must be <= tol."""
     sched = jax_schedule(name, steps, eta=eta, **overrides)
     x_T, R, Z = inputs(sched.num_calls)
     ref, ref_in, outs, sch = run_torch(name, steps, x_T, R, Z, monkeypatch, eta=eta, **overrides)
@@ -137,8 +140,8 @@ def check_run(name, monkeypatch, steps=STEPS, eta=0.0, rtol=None, **overrides):
     got, got_in = map(np.asarray, run_jax(sched, x0, jnp.asarray(outs), jnp.asarray(Z)))
     err = np.abs(got - ref).max()
     print(f"{name} {overrides} eta={eta}: max abs err {err:.2e} over {sched.num_calls} calls")
-    assert err <= (TOL if rtol is None else rtol * np.abs(ref).max()), err
-    assert np.abs(got_in - ref_in).max() <= (TOL if rtol is None else rtol * np.abs(ref_in).max())
+    assert err <= tol, err
+    assert np.abs(got_in - ref_in).max() <= tol
     moves = np.abs(np.diff(np.concatenate([np.asarray(x0)[None], got]), axis=0)).max(axis=(1, 2, 3, 4))
     # Every call but the last changes the latents (the last is a no-op for "linspace" DDIM/PNDM: t=0 -> abar_0).
     assert (moves[:-1] > 1e-4).all() and np.abs(got[-1] - np.asarray(x0)).max() > 0.1, moves
@@ -165,8 +168,10 @@ def test_ddim_eta_matches_diffusers(prediction_type, monkeypatch):
 @pytest.mark.parametrize("name", ["pndm", "ddim", "euler_a"])
 def test_config_variants_match_diffusers(name, monkeypatch):
     check_run(name, monkeypatch, set_alpha_to_one=True, steps_offset=0)
-    # DDPM-paper betas: sigma_max = 157, so latents reach |x| ~ 220 where a float32 ulp is 1.5e-5.
-    check_run(name, monkeypatch, rtol=3e-7, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    # DDPM-paper betas are worse conditioned: sqrt(abar_T) = 0.006 (x0 = x / 0.006 at the first steps) and
+    # sigma_max = 157 (Euler latents reach |x| ~ 220, where a float32 ulp is 1.5e-5). torch's float32 sqrt/pow are
+    # not correctly rounded on CPU, so 1-ulp coefficient differences grow to ~4e-5 over 30 steps.
+    check_run(name, monkeypatch, tol=6e-5, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 
 
 @pytest.mark.parametrize("name", ["pndm", "dpmpp_2m", "lms", "euler_a"])
@@ -179,7 +184,10 @@ def test_short_runs_match_diffusers(name, monkeypatch):
 @pytest.mark.parametrize("name", S.SCHEDULER_NAMES)
 def test_tables_match_diffusers(name, spacing):
     for steps in (10, 25, 50):
-        sched, sch = jax_schedule(name, steps, timestep_spacing=spacing), torch_scheduler(name, timestep_spacing=spacing)
+        sched, sch = (
+            jax_schedule(name, steps, timestep_spacing=spacing),
+            torch_scheduler(name, timestep_spacing=spacing),
+        )
         sch.set_timesteps(steps)
         np.testing.assert_array_equal(np.asarray(sched.timesteps), sch.timesteps.numpy())
         assert sched.num_calls == len(sch.timesteps) == steps + (name == "pndm")
@@ -224,15 +232,17 @@ def test_first_call_index_matches_img2img(name):
         np.testing.assert_array_equal(np.asarray(sched.timesteps[ref:]), sch.timesteps[ref:].numpy())
 
 
-def test_first_call_index_traced_strength_grid():
-    """float32 traced strengths give the same start as Python floats (diffusers' int(N * strength))."""
+def test_first_call_index_strength_grid():
+    """Python floats follow diffusers' int(N * strength); traced float32 strengths give the exact decimal
+    floor(N * strength), which differs from diffusers' only where its float64 product falls just below an integer."""
     first = jax.jit(jax.vmap(S.first_call_index, in_axes=(None, 0)))
     strengths = np.round(np.linspace(0, 1, 1001), 3)
-    for steps in (1, 7, 10, 20, 25, 30, 50, 100, 1000):
+    for steps in (1, 7, 10, 20, 25, 30, 50, 100, 150, 1000):
         sched = jax_schedule("ddim", steps)
         want = [max(steps - min(int(steps * float(s)), steps), 0) for s in strengths]
         assert [S.first_call_index(sched, float(s)) for s in strengths] == want
-        assert np.asarray(first(sched, jnp.asarray(strengths, jnp.float32))).tolist() == want, steps
+        exact = [steps - min(math.floor(Fraction(str(float(s))) * steps), steps) for s in strengths]
+        assert np.asarray(first(sched, jnp.asarray(strengths, jnp.float32))).tolist() == exact, steps
 
 
 @pytest.mark.parametrize("name", ["pndm", "dpmpp_2m_karras", "lms", "euler_a", "ddim"])

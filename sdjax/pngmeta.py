@@ -1,0 +1,242 @@
+"""PNG files with generation parameters in the text format AUTOMATIC1111's webui writes ("infotext").
+
+The text lives in a PNG text chunk with keyword ``parameters``, laid out as A1111 lays it out::
+
+    <prompt, possibly several lines>
+    Negative prompt: <negative prompt, possibly several lines>   (omitted when the negative prompt is empty)
+    Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model: stable-diffusion-v1-5
+
+so A1111's "PNG Info" tab, its forks (Forge, SD.Next), ComfyUI loaders and web galleries read it back.
+The chunk is ``tEXt`` when the text is latin-1 and ``iTXt`` (UTF-8) otherwise, exactly as PIL's
+``PngInfo.add_text`` (which A1111 uses) decides. ``Size`` is width x height.
+
+Samplers use A1111's names (`SAMPLER_NAMES`). A Karras sigma schedule is written in the legacy combined
+form ``Sampler: DPM++ 2M Karras``: every A1111 version reads it (since v1.9 A1111 itself writes
+``Sampler: DPM++ 2M, Schedule type: Karras`` and splits legacy names on reading), while older versions
+and most other tools know only the combined names. `generation_settings` accepts both forms.
+
+Values holding a comma, colon or newline are JSON-quoted as A1111 quotes them; sdjax also quotes values
+with leading or trailing whitespace or a leading double quote, so every value reads back exactly.
+`parse_parameters` undoes `format_parameters` exactly for any prompt, except that a prompt line starting
+with ``Negative prompt:`` is read as the start of the negative prompt (A1111's format cannot tell them
+apart). Unlike A1111's reader it does not strip whitespace from prompt lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import tempfile
+from typing import Any, Mapping
+
+from PIL import Image, PngImagePlugin
+
+PathLike = str | os.PathLike
+
+KEYWORD = "parameters"
+NEGATIVE_PREFIX = "Negative prompt:"
+SAMPLER_NAMES = {
+    "pndm": "PLMS",
+    "ddim": "DDIM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "lms": "LMS",
+    "ddpm": "DDPM",
+}
+SCHEDULERS_BY_SAMPLER = {v: k for k, v in SAMPLER_NAMES.items()}
+
+# A1111's own pattern for one "Key: value" pair of the parameters line (modules/infotext_utils.py).
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_KEY = re.compile(r"\w[\w \-/]+")
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def sampler_name(scheduler: str) -> str:
+    """sdjax scheduler name -> A1111 sampler name (unknown names pass through unchanged)."""
+    return SAMPLER_NAMES.get(scheduler, scheduler)
+
+
+def quote(value: Any) -> str:
+    """A value as it appears after ``Key: ``; JSON-quoted where reading it back unquoted would change it."""
+    text = str(value)
+    if any(c in text for c in ",:\n") or text != text.strip() or text.startswith('"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def unquote(text: str) -> str:
+    """Inverse of `quote` (A1111's rule: only a value in double quotes that is valid JSON is unquoted)."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, str) else text
+
+
+def format_parameters(prompt: str, negative_prompt: str = "", *, steps: int, scheduler: str,
+                      guidance_scale: float, seed: int, width: int, height: int, model: str | None = None,
+                      extra: Mapping[str, Any] | None = None) -> str:
+    """The A1111 infotext of one image; `extra` pairs follow the standard ones (None or "" values are left out)."""
+    params: dict[str, Any] = {
+        "Steps": steps,
+        "Sampler": sampler_name(scheduler),
+        "CFG scale": float(guidance_scale),
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model,
+        **(extra or {}),
+    }
+    return f"{prompt}{_negative_line(negative_prompt)}\n{format_pairs(params)}"
+
+
+def _negative_line(negative_prompt: str) -> str:
+    return f"\n{NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
+
+
+def format_pairs(params: Mapping[str, Any]) -> str:
+    """``Key: value, Key: value`` with values quoted as needed; keys must match A1111's key pattern."""
+    pairs = []
+    for key, value in params.items():
+        if not _KEY.fullmatch(key):
+            raise ValueError(f"parameter key {key!r} cannot be read back; use letters, digits, spaces, '-', '/'")
+        if value is not None and str(value) != "":
+            pairs.append(f"{key}: {quote(value)}")
+    return ", ".join(pairs)
+
+
+def infotext(generation: Any, index: int, model: str | None = None, extra: Mapping[str, Any] | None = None) -> str:
+    """The infotext of image `index` of a `pipeline.Generation` (model defaults to its settings' model)."""
+    s = generation.settings
+    return format_parameters(
+        generation.prompts[index], generation.negative_prompts[index], steps=s["steps"],
+        scheduler=s["scheduler"], guidance_scale=s["guidance_scale"], seed=generation.seeds[index],
+        width=s["width"], height=s["height"], model=model if model is not None else s.get("model"), extra=extra,
+    )
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """A1111 infotext -> ``{"prompt", "negative_prompt", <Key>: <value>, ...}``, all values strings.
+
+    The last line is the parameters line when A1111 would take it as one (at least 3 ``Key: value``
+    pairs); quoted values are unquoted. Keys keep A1111's spelling ("Steps", "CFG scale", "Size", ...).
+    """
+    *lines, last = text.split("\n")
+    pairs = _PARAM.findall(last.rstrip())
+    if len(pairs) < 3:
+        lines.append(last)
+        pairs = []
+    prompt, negative = _split_prompts(lines)
+    result = {"prompt": prompt, "negative_prompt": negative}
+    for key, value in pairs:
+        result[key] = unquote(value)
+    return result
+
+
+def _split_prompts(lines: list[str]) -> tuple[str, str]:
+    """Prompt lines up to the first ``Negative prompt:`` line, negative prompt lines from there on."""
+    for i, line in enumerate(lines):
+        if line.startswith(NEGATIVE_PREFIX):
+            first = line[len(NEGATIVE_PREFIX):]
+            first = first[1:] if first.startswith(" ") else first
+            return "\n".join(lines[:i]), "\n".join([first, *lines[i + 1:]])
+    return "\n".join(lines), ""
+
+
+def generation_settings(params: Mapping[str, str]) -> dict[str, Any]:
+    """Parsed infotext -> sdjax arguments (prompt, negative_prompt, steps, guidance_scale, seed, width,
+    height, scheduler, model) for the keys present; scheduler is None for a sampler sdjax lacks."""
+    out: dict[str, Any] = {"prompt": params.get("prompt", ""), "negative_prompt": params.get("negative_prompt", "")}
+    if "Steps" in params:
+        out["steps"] = int(params["Steps"])
+    if "CFG scale" in params:
+        out["guidance_scale"] = float(params["CFG scale"])
+    if "Seed" in params:
+        out["seed"] = int(params["Seed"])
+    size = _SIZE.match(params.get("Size", ""))
+    if size:
+        out["width"], out["height"] = int(size.group(1)), int(size.group(2))
+    if "Sampler" in params:
+        out["scheduler"] = _scheduler_of(params["Sampler"], params.get("Schedule type"))
+    if "Model" in params:
+        out["model"] = params["Model"]
+    return out
+
+
+def _scheduler_of(sampler: str, schedule_type: str | None) -> str | None:
+    """A1111 sampler (+ optional newer ``Schedule type``) -> sdjax scheduler name or None."""
+    if schedule_type and schedule_type not in ("Automatic", "Normal") and not sampler.endswith(f" {schedule_type}"):
+        sampler = f"{sampler} {schedule_type}"
+    return SCHEDULERS_BY_SAMPLER.get(sampler)
+
+
+def write_png(path: PathLike, image: Image.Image, parameters: str | None = None, *,
+              exclusive: bool = False) -> pathlib.Path:
+    """Saves `image` as a PNG with `parameters` in its ``parameters`` text chunk, atomically.
+
+    The PNG is written to a temp file in the same folder, fsynced, then renamed to `path`, so `path`
+    is either absent/unchanged or complete. With `exclusive`, an existing `path` is never replaced:
+    FileExistsError is raised instead (safe against other processes writing the same folder).
+    """
+    path = pathlib.Path(path)
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text(KEYWORD, parameters)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, path, exclusive)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _publish(tmp: str, path: pathlib.Path, exclusive: bool) -> None:
+    """Renames the finished temp file to `path`; exclusive: hard link (fails if `path` exists)."""
+    if not exclusive:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if path.exists():  # no hard links on this file system: check, then rename
+            raise FileExistsError(f"{str(path)!r} already exists") from None
+        os.replace(tmp, path)
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+    """Makes a rename durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_text(png_path: PathLike) -> str | None:
+    """The raw ``parameters`` text of a PNG (tEXt, zTXt or iTXt), or None when it has none."""
+    with Image.open(png_path) as img:
+        return getattr(img, "text", {}).get(KEYWORD)
+
+
+def read_parameters(png_path: PathLike) -> dict[str, str] | None:
+    """`parse_parameters` of a PNG's ``parameters`` chunk, or None when it has none."""
+    text = read_text(png_path)
+    return None if text is None else parse_parameters(text)

@@ -1,0 +1,131 @@
+"""txt2img end to end against diffusers' StableDiffusionPipeline; seeds; recompilation; input validation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+
+from sdjax import pipeline as sdp
+from tests import reference as ref
+
+TOL = 2e-3  # decoded pixels in [0, 1]
+PROMPTS = ["a photo of an astronaut riding a horse on mars", "a watercolor painting of a fox in the snow"]
+NEGATIVE = ["blurry, low quality", "text, watermark"]
+
+TORCH_SCHEDULERS = {
+    "pndm": lambda c: diffusers.PNDMScheduler.from_config(c),
+    "ddim": lambda c: diffusers.DDIMScheduler.from_config(c),
+    "euler": lambda c: diffusers.EulerDiscreteScheduler.from_config(c),
+    "dpmpp_2m_karras": lambda c: diffusers.DPMSolverMultistepScheduler.from_config(
+        c, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_folder):
+    return sdp.load_pipeline(tiny_sd_folder, compilation_cache="off")
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA backend compilations inside the block."""
+    events = []
+
+    def listener(name, *args, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("scheduler", list(TORCH_SCHEDULERS))
+def test_txt2img_matches_diffusers(scheduler, pipe, tiny_torch_pipe):
+    torch_pipe = tiny_torch_pipe
+    torch_pipe.scheduler = TORCH_SCHEDULERS[scheduler](torch_pipe.scheduler.config)
+    latents = np.random.default_rng(7).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = {}
+    for negative in (None, NEGATIVE):
+        got = pipe.txt2img(PROMPTS, negative, steps=12, guidance_scale=7.5, height=64, width=64,
+                           scheduler=scheduler, latents=latents, progress=False)
+        want = torch_pipe(PROMPTS, negative_prompt=negative, num_inference_steps=12, guidance_scale=7.5,
+                          height=64, width=64, latents=ref.nchw(latents), output_type="np").images
+        err = ref.max_err(got.pixels, want)
+        print(f"[e2e] {scheduler} negative={negative is not None}: max abs err {err:.3g}")
+        assert err <= TOL
+        ours[negative is None] = got.pixels
+    # The tiny model's images visibly depend on the prompt and the negative prompt (same starting latents).
+    assert np.abs(ours[True][0] - ours[True][1]).mean() > 25 * TOL
+    assert np.abs(ours[True] - ours[False]).mean() > 5 * TOL
+
+
+def test_no_guidance_runs_conditional_only(pipe, tiny_torch_pipe):
+    tiny_torch_pipe.scheduler = TORCH_SCHEDULERS["ddim"](tiny_torch_pipe.scheduler.config)
+    latents = np.random.default_rng(8).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    got = pipe.txt2img(PROMPTS[:1], steps=5, guidance_scale=1.0, height=64, width=64, scheduler="ddim",
+                       latents=latents, progress=False)
+    want = tiny_torch_pipe(PROMPTS[:1], num_inference_steps=5, guidance_scale=1.0, height=64, width=64,
+                           latents=ref.nchw(latents), output_type="np").images
+    assert ref.max_err(got.pixels, want) <= TOL
+
+
+def test_image_depends_only_on_its_own_seed(pipe):
+    prompts = PROMPTS + ["a red cube", "an old lighthouse at dusk"]
+    seeds = [11, 22, 33, 44]
+    batch = pipe.txt2img(prompts, steps=4, height=64, width=64, seeds=seeds, scheduler="euler_a", progress=False)
+    for i in range(4):
+        alone = pipe.txt2img(prompts[i], steps=4, height=64, width=64, seeds=[seeds[i]], scheduler="euler_a",
+                             progress=False)
+        assert ref.max_err(alone.pixels[0], batch.pixels[i]) <= 1e-5
+    assert np.abs(batch.pixels[0] - batch.pixels[1]).mean() > 25 * TOL
+    again = pipe.txt2img(prompts[0], steps=4, height=64, width=64, seeds=[seeds[1]], scheduler="euler_a",
+                         progress=False)
+    assert np.abs(again.pixels[0] - batch.pixels[0]).mean() > 25 * TOL  # the seed matters too
+
+
+def test_prompt_seed_and_guidance_changes_do_not_recompile(pipe):
+    kw = dict(steps=3, height=64, width=64, scheduler="ddim", progress=False)
+    pipe.txt2img(["one prompt", "another"], seeds=[1, 2], guidance_scale=7.5, **kw)
+    jitted = pipe._compiled["txt2img"]
+    size = jitted._cache_size()
+    with count_compiles() as compiles:
+        a = pipe.txt2img(["a different prompt", "and more"], ["neg", ""], seeds=[3, 4], guidance_scale=5.0, **kw)
+        b = pipe.txt2img(["a different prompt", "and more"], ["neg", ""], seeds=[5, 6], guidance_scale=9.0, **kw)
+    assert compiles == [] and jitted._cache_size() == size
+    assert np.abs(a.pixels - b.pixels).mean() > TOL
+    with count_compiles() as compiles:  # a shape change does compile: the counter works
+        pipe.txt2img(["one prompt", "another"], seeds=[1, 2], **{**kw, "steps": 4})
+    assert compiles
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(height=100), r"height must be a positive multiple of 8, got 100"),
+    (dict(width=0), r"width must be a positive multiple of 8"),
+    (dict(steps=0), r"steps must be an integer >= 1"),
+    (dict(scheduler="heun"), r"scheduler='heun' is not known; choose one of pndm, ddim"),
+    (dict(negative_prompts=["a", "b", "c"]), r"negative_prompts must be a string or a list of 2 strings"),
+    (dict(seeds=[1]), r"seeds must be an int or a list of 2 ints"),
+    (dict(seeds=[1, -1]), r"seeds must be integers in \[0, 4294967295\], got -1"),
+    (dict(guidance_scale=float("nan")), r"guidance_scale must be a finite number"),
+    (dict(latents=np.zeros((2, 4, 4, 4))), r"latents must have shape \[2, 8, 8, 4\]"),
+])
+def test_bad_arguments_are_named(pipe, kwargs, pattern):
+    args = dict(height=64, width=64, steps=2, progress=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        pipe.txt2img(PROMPTS, **args)
+
+
+def test_generation_result(pipe):
+    g = pipe.txt2img("a cat", steps=2, height=64, width=72, seeds=5, progress=False)
+    assert g.seeds == [5] and g.prompts == ["a cat"] and g.negative_prompts == [""]
+    assert g.images[0].size == (72, 64) and g.pixels.shape == (1, 64, 72, 3) and g.latents.shape == (1, 8, 9, 4)
+    assert g.settings["scheduler"] == "pndm" and g.settings["steps"] == 2
+    assert np.array_equal(np.asarray(g.images[0]), (g.pixels[0] * 255).round().astype(np.uint8))
