@@ -28,7 +28,7 @@ import json
 import os
 import pathlib
 import re
-import tempfile
+import secrets
 from typing import Any, Mapping
 
 from PIL import Image, PngImagePlugin
@@ -187,7 +187,7 @@ def write_png(path: PathLike, image: Image.Image, parameters: str | None = None,
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text(KEYWORD, parameters)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
@@ -199,6 +199,16 @@ def write_png(path: PathLike, image: Image.Image, parameters: str | None = None,
             os.unlink(tmp)
     _fsync_dir(path.parent)
     return path
+
+
+def _create_temp(path: pathlib.Path) -> tuple[int, str]:
+    """A new hidden temp file beside `path`, with the permissions a plain new file gets (0666 & ~umask)."""
+    while True:
+        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def _publish(tmp: str, path: pathlib.Path, exclusive: bool) -> None:

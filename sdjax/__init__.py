@@ -1,0 +1,23 @@
+"""sdjax: Stable Diffusion v1.5 in JAX/Flax, data-parallel over every device, matching the PyTorch reference.
+
+    import sdjax
+    pipe = sdjax.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")  # or a local diffusers folder
+    result = pipe.txt2img(["a photo of an astronaut riding a horse on mars"], seeds=[0])
+    result.images[0].save("astronaut.png")
+"""
+
+from sdjax.checkpoint import load as load_component, save as save_component
+from sdjax.clip import CLIPConfig, TextEncoder
+from sdjax.io import ClipTokenizer, load_tokenizer, resolve_model
+from sdjax.pipeline import Generation, Pipeline, enable_compilation_cache, load_pipeline
+from sdjax.schedulers import SCHEDULER_NAMES
+from sdjax.unet import UNet, UNetConfig
+from sdjax.vae import VAE, VAEConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIPConfig", "ClipTokenizer", "Generation", "Pipeline", "SCHEDULER_NAMES", "TextEncoder", "UNet", "UNetConfig",
+    "VAE", "VAEConfig", "enable_compilation_cache", "load_component", "load_pipeline", "load_tokenizer",
+    "resolve_model", "save_component",
+]

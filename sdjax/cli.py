@@ -1,0 +1,291 @@
+"""The ``sdjax`` command line: ``sdjax generate "PROMPT" [options]`` (more subcommands slot in beside it).
+
+Every argument is checked before anything heavy happens (no model load, no output folder, no files on a
+bad argument). Exit status: 0 success, 2 bad arguments, 1 model loading or writing failed, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+import re
+import sys
+from typing import Any, Callable, Sequence
+
+from sdjax import convert, pipeline, pngmeta
+from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED
+from sdjax.schedulers import SCHEDULER_NAMES
+
+DEFAULT_OUT = "outputs"
+_NUMBERED = re.compile(r"^(\d+)-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``sdjax generate: error: argument --steps: ... (see ... --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class UsageError(Exception):
+    """A bad argument found after argparse (exit 2, one line naming the flag)."""
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {allowed}, got {value}")
+        return value
+    return parse
+
+
+def _size(text: str) -> int:
+    """An argparse type: image height or width in pixels, a positive multiple of 8."""
+    value = _int_at_least(1)(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _text(text: str) -> str:
+    """An argparse type: text that can be stored as UTF-8 (argv may carry undecodable bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+    return text
+
+
+def _seed(text: str) -> int:
+    return _int_at_least(0, MAX_SEED)(text)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --variant, --cache-dir: which weights to load and how."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_ID",
+                   help="local diffusers-format folder or Hugging Face hub id (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", choices=tuple(convert.DTYPES), help="compute dtype (default: %(default)s)")
+    g.add_argument("--variant", default=None, help='weights variant to load, e.g. "fp16"')
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help='XLA compilation cache folder (default: $SDJAX_CACHE_DIR or ~/.cache/sdjax/xla; "off" disables)')
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every task that runs the denoising loop (txt2img, img2img, inpaint)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--negative-prompt", default="", type=_text, metavar="TEXT", help="what to steer away from")
+    g.add_argument("--steps", default=50, type=_int_at_least(1), help="denoising steps (default: %(default)s)")
+    g.add_argument("--guidance-scale", default=7.5, type=_finite_float, metavar="CFG",
+                   help="classifier-free guidance scale; <= 1 turns guidance off (default: %(default)s)")
+    g.add_argument("--seed", default=None, type=_seed,
+                   help=f"seed of the first image, in [0, {MAX_SEED}]; image i gets seed+i (default: random)")
+    g.add_argument("--num-images", default=1, type=_int_at_least(1), metavar="N", help="images to make (default: 1)")
+    g.add_argument("--batch-size", default=None, type=_int_at_least(1), metavar="B",
+                   help="images per device call (default: all at once)")
+    g.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
+                   help="sampler (default: the checkpoint's own scheduler)")
+
+
+def add_size_options(p: argparse.ArgumentParser) -> None:
+    """--height/--width (tasks that start from an image take the size from it instead)."""
+    g = p.add_argument_group("size")
+    g.add_argument("--height", default=512, type=_size, help="image height in pixels, multiple of 8 (default: 512)")
+    g.add_argument("--width", default=512, type=_size, help="image width in pixels, multiple of 8 (default: 512)")
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """--out and --no-progress."""
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help="output folder (default: ./%(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    """`sdjax generate`: text to image."""
+    p = sub.add_parser("generate", help="text to image", description="Text to image; writes PNGs with A1111-style "
+                       "parameters (readable in A1111's PNG Info tab).")
+    p.add_argument("prompt", type=_text, metavar="PROMPT", help="what to draw")
+    add_sampling_options(p)
+    add_size_options(p)
+    add_model_options(p)
+    add_output_options(p)
+    p.set_defaults(run=run_generate, parser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sdjax`` parser with one subparser per command."""
+    parser = _Parser(prog="sdjax", description="Stable Diffusion v1.5 in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_generate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``sdjax`` command line; returns the exit status (argparse's exits are returned too)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return _exit_code(exit_)
+    try:
+        return args.run(args)
+    except UsageError as err:
+        try:
+            args.parser.error(str(err))
+        except SystemExit as exit_:
+            return _exit_code(exit_)
+    except KeyboardInterrupt:
+        print("sdjax: interrupted", file=sys.stderr)
+        return 130
+
+
+def _exit_code(exit_: SystemExit) -> int:
+    code = exit_.code
+    return code if isinstance(code, int) else (0 if code is None else 1)
+
+
+def fail(message: str, status: int = 1) -> int:
+    """Prints ``sdjax: error: <message>`` on stderr and returns `status`."""
+    print(f"sdjax: error: {message}", file=sys.stderr)
+    return status
+
+
+def check_out_dir(out: str) -> pathlib.Path:
+    """The output folder, checked (not created): not a file, and creatable/writable where it would live."""
+    path = pathlib.Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out!r} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out!r} is not writable ({str(existing)!r} denies writing)")
+    return path
+
+
+_FLAGS = {"negative_prompts": "--negative-prompt", "prompts": "PROMPT", "seeds": "--seed", "steps": "--steps",
+          "guidance_scale": "--guidance-scale", "height": "--height", "width": "--width", "scheduler": "--scheduler"}
+
+
+def validate_generation(args: argparse.Namespace, prompt: str, height: int, width: int) -> Any:
+    """`pipeline.validate_request` for the CLI's arguments -> Request (seeds resolved: S..S+N-1 or random)."""
+    try:
+        convert.parse_dtype(args.dtype)
+    except ValueError as err:
+        raise UsageError(f"--dtype: {err}") from None
+    try:
+        return pipeline.validate_request([prompt] * args.num_images, args.negative_prompt, args.seed, args.steps,
+                                         args.guidance_scale, height, width, args.scheduler)
+    except ValueError as err:
+        raise UsageError(_name_flag(str(err))) from None
+
+
+def _name_flag(message: str) -> str:
+    """Prefixes a `validate_request` message with the flag it is about."""
+    for name in sorted(_FLAGS, key=len, reverse=True):
+        if message.startswith(name):
+            return f"{_FLAGS[name]}: {message}"
+    return message
+
+
+def load(args: argparse.Namespace) -> Any:
+    """Loads the pipeline; raises LoadError with the loader's own message on failure."""
+    try:
+        return pipeline.load_pipeline(args.model, dtype=args.dtype, variant=args.variant,
+                                      compilation_cache=args.cache_dir)
+    except (OSError, ValueError) as err:
+        raise LoadError(f"could not load --model {args.model!r}: {err}") from err
+
+
+class LoadError(Exception):
+    """The model could not be loaded (exit 1)."""
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """`sdjax generate`: validate, load, generate in batches, write numbered PNGs."""
+    request = validate_generation(args, args.prompt, args.height, args.width)
+    out = check_out_dir(args.out)
+    try:
+        pipe = load(args)
+    except LoadError as err:
+        return fail(str(err))
+    written: list[pathlib.Path] = []
+    batch = args.batch_size or len(request.seeds)
+    for start in range(0, len(request.seeds), batch):
+        part = slice(start, start + batch)
+        try:
+            gen = pipe.txt2img(request.prompts[part], request.negative_prompts[part], steps=args.steps,
+                               guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                               seeds=request.seeds[part], scheduler=args.scheduler, progress=_progress(args))
+        except ValueError as err:  # a check that needs the model (e.g. its own size multiple)
+            raise UsageError(_name_flag(str(err))) from None
+        try:
+            written += save_generation(gen, out, model_label(args.model))
+        except OSError as err:
+            return fail(f"could not write to --out {args.out!r}: {err}")
+    print(f"wrote {len(written)} image{'s' if len(written) != 1 else ''}: {', '.join(map(str, written))}")
+    return 0
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """None: a progress bar when stderr is a terminal; False with --no-progress."""
+    return False if args.no_progress else None
+
+
+def model_label(model: str) -> str:
+    """The ``Model:`` value: a hub id as is, a local folder by its name (like A1111's checkpoint names)."""
+    path = pathlib.Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+def save_generation(gen: Any, out: pathlib.Path, model_name: str) -> list[pathlib.Path]:
+    """Writes every image of a Generation as ``<number>-<seed>.png`` in `out`, never replacing a file."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(gen.images):
+        text = pngmeta.infotext(gen, i, model=model_name)
+        paths.append(write_numbered(out, gen.seeds[i], image, text))
+    return paths
+
+
+def next_number(out: pathlib.Path) -> int:
+    """One past the highest ``<number>-...`` file name in `out` (0 when there is none)."""
+    numbers = [int(m.group(1)) for name in os.listdir(out) if (m := _NUMBERED.match(name))]
+    return max(numbers, default=-1) + 1
+
+
+def write_numbered(out: pathlib.Path, seed: int, image: Any, text: str) -> pathlib.Path:
+    """Writes ``<next number:05d>-<seed>.png`` atomically; retries with the next number if another
+    process took the name meanwhile."""
+    while True:
+        path = out / f"{next_number(out):05d}-{seed}.png"
+        try:
+            return pngmeta.write_png(path, image, text, exclusive=True)
+        except FileExistsError:
+            continue
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

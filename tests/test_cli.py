@@ -1,0 +1,239 @@
+"""`sdjax generate` end to end on the tiny model, and the A1111 parameters chunk of `sdjax.pngmeta`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax import cli, pngmeta
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--height", "64", "--width", "64", "--steps", "3"]
+
+TRICKY_PROMPTS = [
+    "a cat",
+    "",
+    "a cat, on a mat: sitting, (masterpiece:1.2), [dog|cat]",
+    'she said "hello", then \\"bye\\" \\ end',
+    "line one\nline two\n\nline four after a blank",
+    "  leading and trailing spaces  ",
+    "\nstarts with a newline and ends with one\n",
+    "ünïcödé 猫 🐈 emoji, commas: colons",
+    "Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 8x8",
+    "tab\tand\r\ncarriage return",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One XLA cache for the module, so later runs (and the subprocess) skip most compiling."""
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_sd_folder, cache_dir, tmp_path_factory):
+    """One in-process generation of 2 images with seed 1234, shared by several tests."""
+    out = tmp_path_factory.mktemp("run") / "outputs"
+    argv = ["generate", "a red cube, studio light: \"best\"", "--negative-prompt", "blurry, low quality",
+            "--seed", "1234", "--num-images", "2", "--guidance-scale", "6.5", "--model", str(tiny_sd_folder),
+            "--out", str(out), "--cache-dir", cache_dir, "--no-progress", *TINY]
+    return argv, out, cli.main(argv)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def test_generate_writes_pngs_with_parameters(first_run, capsys):
+    argv, out, status = first_run
+    assert status == 0
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["00000-1234.png", "00001-1235.png"]
+    for seed, path in zip((1234, 1235), files):
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.size == (64, 64) and img.mode == "RGB"
+        settings = pngmeta.generation_settings(pngmeta.read_parameters(path))
+        assert settings == {
+            "prompt": 'a red cube, studio light: "best"', "negative_prompt": "blurry, low quality", "steps": 3,
+            "guidance_scale": 6.5, "seed": seed, "width": 64, "height": 64, "scheduler": "pndm",
+            "model": Path(argv[argv.index("--model") + 1]).name,
+        }
+        assert pngmeta.read_parameters(path)["Sampler"] == "PLMS"
+
+
+def test_same_seed_same_pixels_and_numbering_continues(first_run, capsys):
+    argv, out, _ = first_run
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    stdout = capsys.readouterr().out.strip().splitlines()
+    new = [out / "00002-1234.png", out / "00003-1235.png"]
+    assert stdout[-1] == f"wrote 2 images: {new[0]}, {new[1]}"
+    np.testing.assert_array_equal(pixels(new[0]), pixels(out / "00000-1234.png"))
+    np.testing.assert_array_equal(pixels(new[1]), pixels(out / "00001-1235.png"))
+    assert not np.array_equal(pixels(new[0]), pixels(new[1]))
+    assert not [f for f in os.listdir(out) if f.startswith(".")]
+
+
+def test_subprocess_random_seed(tiny_sd_folder, cache_dir, tmp_path):
+    out = tmp_path / "sub"
+    cmd = [sys.executable, "-m", "sdjax.cli", "generate", "a blue sphere", "--model", str(tiny_sd_folder),
+           "--out", str(out), "--cache-dir", cache_dir, "--num-images", "2", *TINY]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(out.iterdir())
+    assert proc.stdout.strip().splitlines()[-1] == f"wrote 2 images: {files[0]}, {files[1]}"
+    seeds = [int(f.stem.split("-")[1]) for f in files]
+    assert [pngmeta.generation_settings(pngmeta.read_parameters(f))["seed"] for f in files] == seeds
+    assert seeds[1] == (seeds[0] + 1) % 2**32
+    assert "Negative prompt" not in pngmeta.read_text(files[0])
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--height", "60"], "--height"),
+    (["--width", "100"], "--width"),
+    (["--steps", "0"], "--steps"),
+    (["--scheduler", "nope"], "--scheduler"),
+    (["--dtype", "float64"], "--dtype"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", "4294967296"], "--seed"),
+    (["--num-images", "0"], "--num-images"),
+    (["--guidance-scale", "nan"], "--guidance-scale"),
+])
+def test_bad_arguments_exit_2_and_write_nothing(tiny_sd_folder, tmp_path, capsys, args, flag):
+    out = tmp_path / "out"
+    assert cli.main(["generate", "x", "--model", str(tiny_sd_folder), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err
+    assert not out.exists()
+
+
+def test_missing_model_exits_1_without_traceback(tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "no_such_model"
+    assert cli.main(["generate", "x", "--model", str(missing), "--out", str(out), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "--model" in err and "does not exist" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_offline_hub_id_exits_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "out"
+    assert cli.main(["generate", "x", "--model", "nobody/nothing", "--out", str(out), *TINY]) == 1
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    out = tmp_path / "file.txt"
+    out.write_text("keep")
+    assert cli.main(["generate", "x", "--out", str(out), *TINY]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert out.read_text() == "keep"
+
+
+def test_help_and_missing_command(capsys):
+    assert cli.main(["generate", "--help"]) == 0
+    assert "--guidance-scale" in capsys.readouterr().out
+    assert cli.main([]) == 2
+
+
+@pytest.mark.parametrize("prompt", TRICKY_PROMPTS)
+@pytest.mark.parametrize("negative", ["", "blurry, ugly: bad", "multi\nline \"neg\""])
+def test_parameters_round_trip(prompt, negative):
+    text = pngmeta.format_parameters(prompt, negative, steps=20, scheduler="euler_a", guidance_scale=7,
+                                     seed=4294967295, width=512, height=768, model='m, "x": y',
+                                     extra={"Note": " padded ", "Empty": ""})
+    params = pngmeta.parse_parameters(text)
+    assert params == {"prompt": prompt, "negative_prompt": negative, "Steps": "20", "Sampler": "Euler a",
+                      "CFG scale": "7.0", "Seed": "4294967295", "Size": "512x768", "Model": 'm, "x": y',
+                      "Note": " padded "}
+    settings = pngmeta.generation_settings(params)
+    assert (settings["scheduler"], settings["width"], settings["height"]) == ("euler_a", 512, 768)
+
+
+def test_format_matches_a1111_layout():
+    text = pngmeta.format_parameters("a cat", "dog", steps=20, scheduler="dpmpp_2m_karras", guidance_scale=7.5,
+                                     seed=1, width=512, height=512, model="sd15, v1")
+    assert text == ('a cat\nNegative prompt: dog\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 1, '
+                    'Size: 512x512, Model: "sd15, v1"')
+    assert "Negative prompt" not in pngmeta.format_parameters("a", "", steps=1, scheduler="ddim", guidance_scale=1,
+                                                              seed=0, width=8, height=8)
+
+
+def test_reads_a1111_text():
+    text = ("masterpiece, 1girl\nNegative prompt: lowres, bad anatomy\nSteps: 28, Sampler: DPM++ 2M, "
+            "Schedule type: Karras, CFG scale: 7, Seed: 3442, Size: 512x768, Model hash: 6ce0161689, "
+            'Model: v1-5-pruned-emaonly, Lora hashes: "foo: 123abc, bar: 456", Version: v1.10.1')
+    params = pngmeta.parse_parameters(text)
+    assert params["Lora hashes"] == "foo: 123abc, bar: 456" and params["Version"] == "v1.10.1"
+    s = pngmeta.generation_settings(params)
+    assert s == {"prompt": "masterpiece, 1girl", "negative_prompt": "lowres, bad anatomy", "steps": 28,
+                 "guidance_scale": 7.0, "seed": 3442, "width": 512, "height": 768, "scheduler": "dpmpp_2m_karras",
+                 "model": "v1-5-pruned-emaonly"}
+    assert pngmeta.parse_parameters("just a prompt") == {"prompt": "just a prompt", "negative_prompt": ""}
+
+
+@pytest.mark.parametrize("name", pngmeta.SAMPLER_NAMES)
+def test_sampler_names_round_trip(name):
+    assert pngmeta.generation_settings({"Sampler": pngmeta.sampler_name(name)})["scheduler"] == name
+
+
+@pytest.mark.parametrize("prompt", ["plain latin-1 café", "unicode 猫 🐈, \"q\"\nnew line"])
+def test_png_round_trip(tmp_path, prompt):
+    text = pngmeta.format_parameters(prompt, "neg", steps=3, scheduler="pndm", guidance_scale=7.5, seed=5,
+                                     width=16, height=8)
+    path = pngmeta.write_png(tmp_path / "a.png", Image.new("RGB", (16, 8), (10, 20, 30)), text)
+    assert pngmeta.read_text(path) == text
+    assert pngmeta.read_parameters(path)["prompt"] == prompt
+    with Image.open(path) as img:
+        assert img.size == (16, 8) and img.info["parameters"] == text  # what A1111's PNG Info reads
+    assert os.listdir(tmp_path) == ["a.png"]
+    assert pngmeta.read_parameters(pngmeta.write_png(tmp_path / "b.png", Image.new("RGB", (8, 8)))) is None
+
+
+def test_png_permissions_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = pngmeta.write_png(tmp_path / "a.png", Image.new("RGB", (8, 8)), "x\nSteps: 1, Seed: 1, Size: 8x8")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "a.png"
+    path.write_bytes(b"old")
+
+    def broken_save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        pngmeta.write_png(path, Image.new("RGB", (8, 8)), "text")
+    with pytest.raises(OSError, match="disk full"):
+        pngmeta.write_png(tmp_path / "new.png", Image.new("RGB", (8, 8)), "text")
+    assert os.listdir(tmp_path) == ["a.png"] and path.read_bytes() == b"old"
+
+
+def test_exclusive_write_never_replaces(tmp_path):
+    path = tmp_path / "00000-1.png"
+    path.write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        pngmeta.write_png(path, Image.new("RGB", (8, 8)), "text", exclusive=True)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["00000-1.png"]
+    assert cli.next_number(tmp_path) == 1
+    (tmp_path / "00041-7.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_bytes(b"")
+    assert cli.next_number(tmp_path) == 42
+    written = cli.write_numbered(tmp_path, 9, Image.new("RGB", (8, 8)), "text")
+    assert written.name == "00042-9.png"
