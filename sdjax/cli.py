@@ -11,8 +11,10 @@ import math
 import os
 import pathlib
 import re
+import secrets
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sdjax import convert, pipeline, pngmeta
 from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED
@@ -31,6 +33,10 @@ class _Parser(argparse.ArgumentParser):
 
 class UsageError(Exception):
     """A bad argument found after argparse (exit 2, one line naming the flag)."""
+
+
+class LoadError(Exception):
+    """The model could not be loaded (exit 1)."""
 
 
 def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -84,10 +90,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_ID",
                    help="local diffusers-format folder or Hugging Face hub id (default: %(default)s)")
-    g.add_argument("--dtype", default="float32", choices=tuple(convert.DTYPES), help="compute dtype (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", choices=tuple(convert.DTYPES),
+                   help="compute dtype (default: %(default)s)")
     g.add_argument("--variant", default=None, help='weights variant to load, e.g. "fp16"')
     g.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help='XLA compilation cache folder (default: $SDJAX_CACHE_DIR or ~/.cache/sdjax/xla; "off" disables)')
+                   help="XLA compilation cache folder (default: $SDJAX_CACHE_DIR or ~/.cache/sdjax/xla; "
+                        '"off" disables)')
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -98,7 +106,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-scale", default=7.5, type=_finite_float, metavar="CFG",
                    help="classifier-free guidance scale; <= 1 turns guidance off (default: %(default)s)")
     g.add_argument("--seed", default=None, type=_seed,
-                   help=f"seed of the first image, in [0, {MAX_SEED}]; image i gets seed+i (default: random)")
+                   help=f"seed of the first image, in [0, {MAX_SEED}]; image i gets seed+i "
+                        "(default: a random first seed)")
     g.add_argument("--num-images", default=1, type=_int_at_least(1), metavar="N", help="images to make (default: 1)")
     g.add_argument("--batch-size", default=None, type=_int_at_least(1), metavar="B",
                    help="images per device call (default: all at once)")
@@ -190,13 +199,15 @@ _FLAGS = {"negative_prompts": "--negative-prompt", "prompts": "PROMPT", "seeds":
 
 
 def validate_generation(args: argparse.Namespace, prompt: str, height: int, width: int) -> Any:
-    """`pipeline.validate_request` for the CLI's arguments -> Request (seeds resolved: S..S+N-1 or random)."""
+    """`pipeline.validate_request` for the CLI's arguments -> Request with seeds S..S+N-1 (mod 2**32), S from
+    --seed or drawn at random, so a run is repeatable with ``--seed S --num-images N``."""
     try:
         convert.parse_dtype(args.dtype)
     except ValueError as err:
         raise UsageError(f"--dtype: {err}") from None
+    seed = secrets.randbelow(MAX_SEED + 1) if args.seed is None else args.seed
     try:
-        return pipeline.validate_request([prompt] * args.num_images, args.negative_prompt, args.seed, args.steps,
+        return pipeline.validate_request([prompt] * args.num_images, args.negative_prompt, seed, args.steps,
                                          args.guidance_scale, height, width, args.scheduler)
     except ValueError as err:
         raise UsageError(_name_flag(str(err))) from None
@@ -217,10 +228,6 @@ def load(args: argparse.Namespace) -> Any:
                                       compilation_cache=args.cache_dir)
     except (OSError, ValueError) as err:
         raise LoadError(f"could not load --model {args.model!r}: {err}") from err
-
-
-class LoadError(Exception):
-    """The model could not be loaded (exit 1)."""
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -244,9 +251,14 @@ def run_generate(args: argparse.Namespace) -> int:
         try:
             written += save_generation(gen, out, model_label(args.model))
         except OSError as err:
-            return fail(f"could not write to --out {args.out!r}: {err}")
-    print(f"wrote {len(written)} image{'s' if len(written) != 1 else ''}: {', '.join(map(str, written))}")
+            return fail(f"could not write to --out {args.out!r}: {err}" + (f"; {_wrote(written)}" if written else ""))
+    print(_wrote(written))
     return 0
+
+
+def _wrote(paths: list[pathlib.Path]) -> str:
+    """``wrote 2 images: a.png, b.png``."""
+    return f"wrote {len(paths)} image{'s' if len(paths) != 1 else ''}: {', '.join(map(str, paths))}"
 
 
 def _progress(args: argparse.Namespace) -> bool | None:

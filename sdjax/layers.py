@@ -6,22 +6,78 @@ as `_N` (e.g. `to_out.0` -> `to_out_0`), so `convert.py` can state its rule tabl
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax import lax
 
 Dtype = Any
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) -> jax.Array:
+IMPLEMENTATIONS = ("xla", "blocked", "cudnn", "pallas_tpu")
+
+# Blocked attention: keys per block of the online softmax, and the most bytes of float32 scores one step of it
+# may hold (queries are chunked beyond that, so memory stays flat in batch size and image size).
+KEY_BLOCK = 512
+SCORE_BUDGET_BYTES = 256 << 20
+# Below this many keys the plain XLA form (one score matrix) is as fast and has nothing to win by blocking.
+BLOCKED_MIN_KEYS = 1024
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+              implementation: str | None = None) -> jax.Array:
     """Scaled dot-product attention; every attention in sdjax goes through here.
 
     q: [B, Lq, H, D], k and v: [B, Lk, H, D] -> [B, Lq, H, D]. Scores and softmax are computed in float32
-    whatever the input dtype (what the reference's upcast paths do); the result has q's dtype.
+    whatever the input dtype (what the reference's upcast paths do); the result has q's dtype. `causal` masks
+    key j > query i (top-left aligned, as CLIP's mask).
+
+    implementation: None picks one for the backend and shapes (`default_implementation`); or
+      "xla": one [B, H, Lq, Lk] score matrix (the plain form; the reference the others are tested against),
+      "blocked": flash-attention style online softmax over key blocks (`lax.scan`), queries chunked so the
+          live scores stay under SCORE_BUDGET_BYTES: memory O(Lq * KEY_BLOCK), not O(Lq * Lk),
+      "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, float16/bfloat16),
+      "pallas_tpu": the Pallas TPU flash-attention kernel (lengths multiple of 128; else "blocked").
     """
+    impl = implementation or default_implementation(q, k)
+    if impl == "xla":
+        return _attention_xla(q, k, v, causal)
+    if impl == "blocked":
+        return _attention_blocked(q, k, v, causal)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    if impl == "pallas_tpu":
+        if q.shape[1] % 128 or k.shape[1] % 128:
+            return _attention_blocked(q, k, v, causal)
+        from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+        out = tpu_flash.flash_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), causal=causal,
+                                        sm_scale=float(1.0 / np.sqrt(q.shape[-1])))
+        return out.transpose(0, 2, 1, 3).astype(q.dtype)
+    raise ValueError(f"attention implementation {impl!r} is not one of {IMPLEMENTATIONS}")
+
+
+def default_implementation(q: jax.Array, k: jax.Array) -> str:
+    """The attention kernel for this backend and shape ($SDJAX_ATTENTION overrides it: one of IMPLEMENTATIONS)."""
+    forced = os.environ.get("SDJAX_ATTENTION")
+    if forced:
+        return forced
+    backend = jax.default_backend()
+    long = k.shape[1] >= BLOCKED_MIN_KEYS
+    if backend == "gpu":
+        # cuDNN's fused flash attention: half precision, head_dim a multiple of 8 up to 128 (SD: 40..160).
+        ok = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+        return "cudnn" if ok else ("blocked" if long else "xla")
+    if backend == "tpu":
+        return "pallas_tpu" if long else "xla"
+    return "blocked" if long else "xla"
+
+
+def _attention_xla(q, k, v, causal):
     b, lq, h, d = q.shape
     scale = 1.0 / np.sqrt(d).astype(np.float32)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
@@ -31,6 +87,81 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False)
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, Lq, Lk]
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _attention_blocked(q, k, v, causal):
+    """Online-softmax attention (FlashAttention's recurrence) in plain JAX.
+
+    [B, H, L, D] layout; keys padded to a multiple of the block and masked; the running max, the running sum
+    and the unnormalised output are the carry of a `lax.scan` over key blocks, normalised once at the end.
+    When B*H*Lq*block float32 scores exceed SCORE_BUDGET_BYTES, queries go in chunks through `lax.map`.
+    """
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    out_dtype = q.dtype
+    scale = np.float32(1.0 / np.sqrt(d))
+    # Scores in float32: upcast q and k (exact for half-precision inputs; fp32 accumulation).
+    qt = q.astype(jnp.float32).transpose(0, 2, 1, 3) * scale  # [B, H, Lq, D]
+    kt = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, H, Lk, D]
+    vt = v.transpose(0, 2, 1, 3)  # [B, H, Lk, D]
+    blk = min(KEY_BLOCK, lk)
+    nk = -(-lk // blk)
+    pad = nk * blk - lk
+    if pad:
+        kt = jnp.pad(kt, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        vt = jnp.pad(vt, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    kb = kt.reshape(b, h, nk, blk, d).transpose(2, 0, 1, 3, 4)  # [nk, B, H, blk, D]
+    vb = vt.reshape(b, h, nk, blk, d).transpose(2, 0, 1, 3, 4)
+    neg = jnp.finfo(jnp.float32).min
+
+    def one_chunk(qc, q0):
+        """qc [B, H, Cq, D] (queries q0 .. q0+Cq-1) against every key block -> [B, H, Cq, D] float32."""
+        cq = qc.shape[2]
+        rows = q0 + jnp.arange(cq)[:, None]  # [Cq, 1]
+
+        def step(carry, xs):
+            m, l, o = carry
+            kj, vj, j = xs
+            s = jnp.einsum("bhqd,bhkd->bhqk", qc, kj)  # [B, H, Cq, blk] float32
+            if pad or causal:
+                cols = j * blk + jnp.arange(blk)[None, :]  # [1, blk]
+                ok = cols < lk
+                if causal:
+                    ok = ok & (cols <= rows)
+                s = jnp.where(ok, s, neg)
+            m_new = jnp.maximum(m, s.max(-1, keepdims=True))
+            p = jnp.exp(s - m_new)
+            alpha = jnp.exp(m - m_new)
+            l = l * alpha + p.sum(-1, keepdims=True)
+            pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+            return (m_new, l, o * alpha + pv), None
+
+        init = (jnp.full((b, h, cq, 1), neg, jnp.float32), jnp.zeros((b, h, cq, 1), jnp.float32),
+                jnp.zeros((b, h, cq, d), jnp.float32))
+        if nk == 1:
+            (m, l, o), _ = step(init, (kb[0], vb[0], 0))
+        else:
+            (m, l, o), _ = lax.scan(step, init, (kb, vb, jnp.arange(nk)))
+        return o / l
+
+    per_query = b * h * blk * 4
+    cq = lq if lq * per_query <= SCORE_BUDGET_BYTES else max(1, SCORE_BUDGET_BYTES // per_query)
+    if cq >= lq:
+        out = one_chunk(qt, 0)
+    else:
+        cq = _largest_divisor_at_most(lq, cq)
+        nq = lq // cq
+        qc = qt.reshape(b, h, nq, cq, d).transpose(2, 0, 1, 3, 4)  # [nq, B, H, cq, D]
+        out = lax.map(lambda xs: one_chunk(xs[0], xs[1] * cq), (qc, jnp.arange(nq)))
+        out = out.transpose(1, 2, 0, 3, 4).reshape(b, h, lq, d)
+    return out.transpose(0, 2, 1, 3).astype(out_dtype)
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    for c in range(min(n, cap), 0, -1):
+        if n % c == 0:
+            return c
+    return 1
 
 
 def group_norm(groups: int, eps: float, name: str, dtype: Dtype) -> nn.GroupNorm:

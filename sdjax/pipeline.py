@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from sdjax import checkpoint, convert, io, parallel, sampling, schedulers
+from sdjax import images as sdimages
 from sdjax.clip import TextEncoder
 from sdjax.unet import UNet
 from sdjax.vae import VAE
@@ -127,44 +128,151 @@ class Pipeline:
         None draws random seeds, returned in the result). `latents` [B, h/8, w/8, 4] replaces the seeded
         starting noise (unscaled standard normal, like the reference's `latents=`)."""
         req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
-        b = len(req.prompts)
-        shape = (b, height // self.models.vae_scale, width // self.models.vae_scale, self.models.latent_channels)
-        if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != shape:
-                raise ValueError(f"latents must have shape {list(shape)} for {b} image(s) at {height}x{width}, "
-                                 f"got {list(latents.shape)}")
+        latents = self._check_latents(latents, len(req.prompts), height, width)
         schedule = self.schedule(req.scheduler, steps)
-        size = parallel.padded_size(b, self.mesh)
-        batch = {
-            "ids": self.tokenizer(req.prompts),
-            "neg_ids": self.tokenizer(req.negative_prompts),
-            "seeds": np.asarray(req.seeds, np.uint32),
-        }
+        batch = self._text_batch(req)
         if latents is not None:
             batch["latents"] = latents
-        batch = parallel.put_batch({k: parallel.pad_batch(v, size) for k, v in batch.items()}, self.mesh)
-        fn = self._jitted("txt2img", _txt2img_job, ("height", "width", "use_cfg", "progress"))
-        show = _want_progress(progress)
-        with _progress_bar(self._progress, schedule.num_calls, 0, show):
-            pixels, final = fn(self.params, parallel.put_replicated(schedule, self.mesh), batch,
-                               jnp.float32(guidance_scale), height=height, width=width,
-                               use_cfg=guidance_scale > 1.0, progress=self._progress if show else None)
-        pixels = np.asarray(jax.device_get(pixels))[:b]
-        settings = dict(steps=steps, guidance_scale=float(guidance_scale), height=height, width=width,
-                        scheduler=schedule.name, model=self.source, dtype=jnp.dtype(self.dtype).name)
-        return Generation(to_pil(pixels), pixels, np.asarray(jax.device_get(final))[:b], req.prompts,
-                          req.negative_prompts, req.seeds, settings)
+        pixels, final = self._run("txt2img", _txt2img_job, schedule, batch, req, guidance_scale, first=0,
+                                  progress=progress, height=height, width=width)
+        return self._result(pixels, final, req, schedule, steps, guidance_scale, height, width)
+
+    def img2img(self, images, prompts: str | Sequence[str], strength: float = 0.8,
+                negative_prompts: str | Sequence[str] | None = None, *, steps: int = 50,
+                guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+                seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
+                latents: np.ndarray | None = None, progress: bool | None = None) -> Generation:
+        """Image to image, as diffusers' img2img: the last int(steps * strength) steps run from the image's
+        latents noised to that level. strength 0 returns the input unchanged; 1 starts from (almost) pure noise.
+        images: PIL images or arrays [H, W, 3] (one per prompt); sizes follow `sdjax.images`' rules.
+        latents: optional [B, h/8, w/8, 4] standard-normal noise replacing the seeded draw."""
+        strength = _check_strength(strength)
+        pixels, height, width = sdimages.prepare_images(images, height, width, self.models.vae_scale)
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(pixels)
+        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
+        _check_count("images", len(pixels), len(req.prompts))
+        latents = self._check_latents(latents, len(req.prompts), height, width)
+        schedule = self.schedule(req.scheduler, steps)
+        if int(steps * strength) == 0:  # strength 0 (or too small for one step): nothing to denoise
+            return self._unchanged(pixels, req, schedule, steps, guidance_scale, strength)
+        first = schedulers.first_call_index(schedule, strength)
+        batch = {**self._text_batch(req), "pixels": pixels}
+        if latents is not None:
+            batch["latents"] = latents
+        out, final = self._run("img2img", _img2img_job, schedule, batch, req, guidance_scale, first=first,
+                               progress=progress)
+        return self._result(out, final, req, schedule, steps, guidance_scale, height, width, strength=strength)
+
+    def inpaint(self, images, masks, prompts: str | Sequence[str], strength: float = 1.0,
+                negative_prompts: str | Sequence[str] | None = None, *, steps: int = 50,
+                guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+                seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
+                latents: np.ndarray | None = None, paste_back: bool = False, blend: bool | None = None,
+                progress: bool | None = None) -> Generation:
+        """Repaints the white (1) part of each mask. A 9-channel inpainting UNet is used as such (blend=False,
+        the default for it); a 4-channel UNet inpaints by mask blending (see `sampling.inpaint`). paste_back
+        copies the original pixels back outside the mask. masks: single-channel, each of its image's size."""
+        strength = _check_strength(strength)
+        dedicated = self.models.unet.config.in_channels == 9
+        if blend is None:
+            blend = not dedicated
+        if dedicated == blend:
+            raise ValueError(f"blend={blend} does not fit this UNet ({self.models.unet.config.in_channels} input "
+                             "channels): mask blending needs a 4-channel UNet, blend=False a 9-channel one")
+        pixels, height, width = sdimages.prepare_images(images, height, width, self.models.vae_scale)
+        mask_arr = sdimages.prepare_masks(masks, images, height, width)
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(pixels)
+        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
+        _check_count("images", len(pixels), len(req.prompts))
+        latents = self._check_latents(latents, len(req.prompts), height, width)
+        schedule = self.schedule(req.scheduler, steps)
+        if int(steps * strength) == 0:  # strength 0 (or too small for one step): nothing to denoise
+            return self._unchanged(pixels, req, schedule, steps, guidance_scale, strength)
+        first = schedulers.first_call_index(schedule, strength)
+        batch = {**self._text_batch(req), "pixels": pixels, "masks": mask_arr}
+        if latents is not None:
+            batch["latents"] = latents
+        out, final = self._run("inpaint", _inpaint_job, schedule, batch, req, guidance_scale, first=first,
+                               progress=progress, dedicated=dedicated, paste_back=bool(paste_back))
+        return self._result(out, final, req, schedule, steps, guidance_scale, height, width, strength=strength,
+                            paste_back=bool(paste_back))
 
     def _validate(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler):
         return validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
                                 self.models.vae_scale)
 
+    def _check_latents(self, latents, b: int, height: int, width: int) -> np.ndarray | None:
+        if latents is None:
+            return None
+        s = self.models.vae_scale
+        shape = (b, height // s, width // s, self.models.latent_channels)
+        latents = np.asarray(latents, np.float32)
+        if latents.shape != shape:
+            raise ValueError(f"latents must have shape {list(shape)} for {b} image(s) at {height}x{width}, "
+                             f"got {list(latents.shape)}")
+        return latents
 
-def _txt2img_job(models, params, schedule, batch, guidance_scale, *, height, width, use_cfg, progress):
+    def _text_batch(self, req: Request) -> dict[str, np.ndarray]:
+        return {"ids": self.tokenizer(req.prompts), "neg_ids": self.tokenizer(req.negative_prompts),
+                "seeds": np.asarray(req.seeds, np.uint32)}
+
+    def _run(self, job: str, fn, schedule, batch: dict, req: Request, guidance_scale: float, *, first: int,
+             progress: bool | None, **static):
+        """Pads and shards the batch, runs the job's jitted function, returns host arrays trimmed to the batch."""
+        b = len(req.prompts)
+        size = parallel.padded_size(b, self.mesh)
+        batch = parallel.put_batch({k: parallel.pad_batch(v, size) for k, v in batch.items()}, self.mesh)
+        show = _want_progress(progress)
+        jitted = self._jitted(job, fn, ("use_cfg", "progress", *static))
+        with _progress_bar(self._progress, schedule.num_calls, first, show):
+            out, final = jitted(self.params, parallel.put_replicated(schedule, self.mesh), batch,
+                                jnp.float32(guidance_scale), jnp.int32(first), use_cfg=guidance_scale > 1.0,
+                                progress=self._progress if show else None, **static)
+        return np.asarray(jax.device_get(out))[:b], np.asarray(jax.device_get(final))[:b]
+
+    def _result(self, pixels, final, req: Request, schedule, steps, guidance_scale, height, width,
+                **extra) -> Generation:
+        settings = dict(steps=steps, guidance_scale=float(guidance_scale), height=height, width=width,
+                        scheduler=schedule.name, model=self.source, dtype=jnp.dtype(self.dtype).name, **extra)
+        return Generation(to_pil(pixels), pixels, final, req.prompts, req.negative_prompts, req.seeds, settings)
+
+    def _unchanged(self, pixels, req: Request, schedule, steps, guidance_scale, strength) -> Generation:
+        h, w = pixels.shape[1:3]
+        return self._result(pixels, None, req, schedule, steps, guidance_scale, h, w, strength=strength)
+
+
+def _txt2img_job(models, params, schedule, batch, guidance_scale, first, *, height, width, use_cfg, progress):
+    del first
     return sampling.txt2img(models, params, schedule, batch["ids"], batch["neg_ids"], batch["seeds"],
                             guidance_scale, batch.get("latents"), height=height, width=width, use_cfg=use_cfg,
                             progress=progress)
+
+
+def _img2img_job(models, params, schedule, batch, guidance_scale, first, *, use_cfg, progress):
+    return sampling.img2img(models, params, schedule, batch["ids"], batch["neg_ids"], batch["seeds"],
+                            guidance_scale, batch["pixels"], first, batch.get("latents"), use_cfg=use_cfg,
+                            progress=progress)
+
+
+def _inpaint_job(models, params, schedule, batch, guidance_scale, first, *, use_cfg, progress, dedicated,
+                 paste_back):
+    return sampling.inpaint(models, params, schedule, batch["ids"], batch["neg_ids"], batch["seeds"],
+                            guidance_scale, batch["pixels"], batch["masks"], first, batch.get("latents"),
+                            use_cfg=use_cfg, dedicated=dedicated, paste_back=paste_back, progress=progress)
+
+
+def _check_strength(strength) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
+            or not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    return float(strength)
+
+
+def _check_count(name: str, n: int, b: int) -> None:
+    if n != b:
+        raise ValueError(f"{name} must be one per prompt: got {n} for {b} prompt(s)")
 
 
 @dataclasses.dataclass(frozen=True)

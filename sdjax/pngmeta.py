@@ -29,7 +29,8 @@ import os
 import pathlib
 import re
 import secrets
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from PIL import Image, PngImagePlugin
 
@@ -142,8 +143,7 @@ def _split_prompts(lines: list[str]) -> tuple[str, str]:
     """Prompt lines up to the first ``Negative prompt:`` line, negative prompt lines from there on."""
     for i, line in enumerate(lines):
         if line.startswith(NEGATIVE_PREFIX):
-            first = line[len(NEGATIVE_PREFIX):]
-            first = first[1:] if first.startswith(" ") else first
+            first = line[len(NEGATIVE_PREFIX):].removeprefix(" ")
             return "\n".join(lines[:i]), "\n".join([first, *lines[i + 1:]])
     return "\n".join(lines), ""
 

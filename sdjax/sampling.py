@@ -144,3 +144,80 @@ def txt2img(models: Models, params: dict, schedule: schedulers.Schedule, ids: ja
     x = latents.astype(jnp.float32) * schedulers.init_noise_sigma(schedule)
     x = denoise(models, params, schedule, x, context, keys, guidance_scale, use_cfg, progress=progress)
     return decode(models, params, x), x
+
+
+def encode_image(models: Models, params: dict, pixels: jax.Array) -> jax.Array:
+    """Pixels [B, H, W, 3] in [0, 1] -> diffusion latents [B, H/8, W/8, 4].
+
+    Uses the posterior mean (the reference samples mean + std * eps; the SD VAE's std is ~1e-3 of the mean's
+    scale, and the mean keeps the encoding deterministic and independent of any key).
+    """
+    mean, _ = models.vae.apply({"params": params["vae"]}, pixels * 2.0 - 1.0, method=VAE.encode)
+    return from_vae_latents(models, mean.astype(jnp.float32))
+
+
+def _context(models: Models, params: dict, ids: jax.Array, neg_ids: jax.Array, use_cfg: bool) -> jax.Array:
+    context = encode_text(models, params, ids)
+    if use_cfg:
+        context = jnp.concatenate([encode_text(models, params, neg_ids), context])  # [2B, 77, D]
+    return context
+
+
+def img2img(models: Models, params: dict, schedule: schedulers.Schedule, ids, neg_ids, seeds, guidance_scale,
+            pixels: jax.Array, first: jax.Array, latents: jax.Array | None, *, use_cfg: bool,
+            progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+    """Image to image: the image's latents noised to call index `first` (traced), then calls first.. of the
+    sampler, as diffusers' StableDiffusionImg2ImgPipeline (strength picks `first` on the host).
+
+    pixels [B, H, W, 3] in [0, 1]; latents: optional [B, h, w, 4] standard-normal noise replacing the seeded draw.
+    """
+    context = _context(models, params, ids, neg_ids, use_cfg)
+    keys = image_keys(seeds)
+    x0 = encode_image(models, params, pixels)
+    noise = normal_per_image(keys, NOISE_INIT, x0.shape[1:]) if latents is None else latents
+    x = schedulers.add_noise(schedule, x0, noise, first)
+    x = denoise(models, params, schedule, x, context, keys, guidance_scale, use_cfg, first=first,
+                progress=progress)
+    return decode(models, params, x), x
+
+
+def inpaint(models: Models, params: dict, schedule: schedulers.Schedule, ids, neg_ids, seeds, guidance_scale,
+            pixels: jax.Array, masks: jax.Array, first: jax.Array, latents: jax.Array | None, *, use_cfg: bool,
+            dedicated: bool, paste_back: bool, progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+    """Repaints where masks [B, H, W] (in [0, 1]) are 1, keeps pixels [B, H, W, 3] where they are 0.
+
+    dedicated (a 9-channel inpainting UNet): as diffusers' StableDiffusionInpaintPipeline, the mask is
+    binarised at 0.5 and the UNet sees [latents, mask at 1/8 size, latents of the masked image].
+    Otherwise (mask blending on a 4-channel UNet): after every step the kept region of the latents is replaced
+    by the image's latents noised to the next step's level; the mask is area-averaged to latent size, so grey
+    masks blend softly. paste_back puts the original pixels back outside the mask after decoding.
+    From strength 1 (first == 0) the start is pure noise; below it, the image's latents noised to `first`.
+    """
+    context = _context(models, params, ids, neg_ids, use_cfg)
+    keys = image_keys(seeds)
+    s = models.vae_scale
+    b, h, w = masks.shape
+    x0 = encode_image(models, params, pixels)
+    noise = normal_per_image(keys, NOISE_INIT, x0.shape[1:]) if latents is None else latents
+    x = jnp.where(first == 0, noise * schedulers.init_noise_sigma(schedule),
+                  schedulers.add_noise(schedule, x0, noise, first))
+    extra, after_step = None, None
+    if dedicated:
+        binary = (masks >= 0.5).astype(jnp.float32)  # [B, H, W]
+        masked = pixels * (1.0 - binary)[..., None] + 0.5 * binary[..., None]  # repainted area -> 0 in [-1, 1]
+        extra = jnp.concatenate([binary[:, ::s, ::s, None], encode_image(models, params, masked)], axis=-1)
+    else:
+        keep = 1.0 - masks.reshape(b, h // s, s, w // s, s).mean(axis=(2, 4))[..., None]  # [B, h, w, 1]
+        last = schedule.num_calls - 1
+
+        def after_step(i, x):
+            proper = jnp.where(i < last, schedulers.add_noise(schedule, x0, noise, jnp.minimum(i + 1, last)), x0)
+            return keep * proper + (1.0 - keep) * x
+
+    x = denoise(models, params, schedule, x, context, keys, guidance_scale, use_cfg, first=first, extra=extra,
+                after_step=after_step, progress=progress)
+    out = decode(models, params, x)
+    if paste_back:
+        m = masks[..., None]
+        out = m * out + (1.0 - m) * pixels
+    return out, x

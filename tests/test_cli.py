@@ -56,7 +56,7 @@ def test_generate_writes_pngs_with_parameters(first_run, capsys):
     assert status == 0
     files = sorted(out.iterdir())
     assert [f.name for f in files] == ["00000-1234.png", "00001-1235.png"]
-    for seed, path in zip((1234, 1235), files):
+    for seed, path in zip((1234, 1235), files, strict=True):
         with Image.open(path) as img:
             assert img.format == "PNG" and img.size == (64, 64) and img.mode == "RGB"
         settings = pngmeta.generation_settings(pngmeta.read_parameters(path))
@@ -81,11 +81,11 @@ def test_same_seed_same_pixels_and_numbering_continues(first_run, capsys):
     assert not [f for f in os.listdir(out) if f.startswith(".")]
 
 
-def test_subprocess_random_seed(tiny_sd_folder, cache_dir, tmp_path):
+def test_subprocess_random_seed_in_batches(tiny_sd_folder, cache_dir, tmp_path):
     out = tmp_path / "sub"
     cmd = [sys.executable, "-m", "sdjax.cli", "generate", "a blue sphere", "--model", str(tiny_sd_folder),
-           "--out", str(out), "--cache-dir", cache_dir, "--num-images", "2", *TINY]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+           "--out", str(out), "--cache-dir", cache_dir, "--num-images", "2", "--batch-size", "1", *TINY]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     files = sorted(out.iterdir())
     assert proc.stdout.strip().splitlines()[-1] == f"wrote 2 images: {files[0]}, {files[1]}"
@@ -158,6 +158,13 @@ def test_parameters_round_trip(prompt, negative):
                       "Note": " padded "}
     settings = pngmeta.generation_settings(params)
     assert (settings["scheduler"], settings["width"], settings["height"]) == ("euler_a", 512, 768)
+
+
+def test_negative_prompt_line_in_prompt_is_ambiguous():
+    """A1111's format cannot hold a prompt line starting with "Negative prompt:"; it reads as the negative."""
+    text = pngmeta.format_parameters("a\nNegative prompt: b", "", steps=1, scheduler="ddim", guidance_scale=1,
+                                     seed=0, width=8, height=8)
+    assert pngmeta.parse_parameters(text)["negative_prompt"] == "b"
 
 
 def test_format_matches_a1111_layout():
