@@ -1,4 +1,4 @@
-"""The ``sdjax`` command line: ``sdjax generate "PROMPT" [options]`` (more subcommands slot in beside it).
+"""The ``sdjax`` command line: ``sdjax generate|img2img|inpaint "PROMPT" [options]``.
 
 Every argument is checked before anything heavy happens (no model load, no output folder, no files on a
 bad argument). Exit status: 0 success, 2 bad arguments, 1 model loading or writing failed, 130 interrupted.
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sdjax import convert, pipeline, pngmeta
+from sdjax import convert, images, pipeline, pngmeta
 from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED
 from sdjax.schedulers import SCHEDULER_NAMES
 
@@ -115,11 +115,19 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help="sampler (default: the checkpoint's own scheduler)")
 
 
-def add_size_options(p: argparse.ArgumentParser) -> None:
-    """--height/--width (tasks that start from an image take the size from it instead)."""
+def add_size_options(p: argparse.ArgumentParser, default: int | None = 512) -> None:
+    """--height/--width; tasks that start from an image default to its size (default=None)."""
     g = p.add_argument_group("size")
-    g.add_argument("--height", default=512, type=_size, help="image height in pixels, multiple of 8 (default: 512)")
-    g.add_argument("--width", default=512, type=_size, help="image width in pixels, multiple of 8 (default: 512)")
+    what = f"default: {default}" if default else "default: the input image's, rounded down to a multiple of 8"
+    g.add_argument("--height", default=default, type=_size, help=f"image height in pixels, multiple of 8 ({what})")
+    g.add_argument("--width", default=default, type=_size, help=f"image width in pixels, multiple of 8 ({what})")
+
+
+def _strength(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
@@ -141,11 +149,48 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_generate, parser=p)
 
 
+def add_img2img(sub: argparse._SubParsersAction) -> None:
+    """`sdjax img2img`: image to image."""
+    p = sub.add_parser("img2img", help="image to image", description="Image to image: the last "
+                       "int(steps * strength) steps run from the input image's latents noised to that level.")
+    p.add_argument("prompt", type=_text, metavar="PROMPT", help="what to draw")
+    p.add_argument("--image", required=True, metavar="FILE", help="input image")
+    p.add_argument("--strength", default=0.8, type=_strength,
+                   help="0 keeps the image, 1 starts from noise (default: %(default)s)")
+    _add_common(p, size_default=None)
+    p.set_defaults(run=run_img2img, parser=p)
+
+
+def add_inpaint(sub: argparse._SubParsersAction) -> None:
+    """`sdjax inpaint`: repaint the white part of a mask."""
+    p = sub.add_parser("inpaint", help="repaint the masked part of an image",
+                       description="Inpainting: a 9-channel inpainting model is used as such; a normal model "
+                                   "inpaints by mask blending (grey mask values blend softly).")
+    p.add_argument("prompt", type=_text, metavar="PROMPT", help="what to draw in the masked area")
+    p.add_argument("--image", required=True, metavar="FILE", help="input image")
+    p.add_argument("--mask", required=True, metavar="FILE",
+                   help="single-channel mask of the image's size: white repaints, black keeps")
+    p.add_argument("--strength", default=1.0, type=_strength,
+                   help="how far to re-noise the masked area; 1 starts from noise (default: %(default)s)")
+    p.add_argument("--paste-back", action="store_true", help="copy the original pixels back outside the mask")
+    _add_common(p, size_default=None)
+    p.set_defaults(run=run_inpaint, parser=p)
+
+
+def _add_common(p: argparse.ArgumentParser, size_default: int | None) -> None:
+    add_sampling_options(p)
+    add_size_options(p, size_default)
+    add_model_options(p)
+    add_output_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sdjax`` parser with one subparser per command."""
     parser = _Parser(prog="sdjax", description="Stable Diffusion v1.5 in JAX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_generate(sub)
+    add_img2img(sub)
+    add_inpaint(sub)
     return parser
 
 
@@ -233,6 +278,68 @@ def load(args: argparse.Namespace) -> Any:
 def run_generate(args: argparse.Namespace) -> int:
     """`sdjax generate`: validate, load, generate in batches, write numbered PNGs."""
     request = validate_generation(args, args.prompt, args.height, args.width)
+
+    def call(pipe, part, kw):
+        return pipe.txt2img(request.prompts[part], request.negative_prompts[part], height=args.height,
+                            width=args.width, **kw)
+
+    return _generate(args, request, call)
+
+
+def run_img2img(args: argparse.Namespace) -> int:
+    """`sdjax img2img`: as generate, starting from --image."""
+    image = _open_image(args.image, "--image")
+    request, height, width = _validate_with_image(args, image)
+
+    def call(pipe, part, kw):
+        n = len(request.seeds[part])
+        return pipe.img2img([image] * n, request.prompts[part], args.strength, request.negative_prompts[part],
+                            height=height, width=width, **kw)
+
+    return _generate(args, request, call, {"Denoising strength": args.strength})
+
+
+def run_inpaint(args: argparse.Namespace) -> int:
+    """`sdjax inpaint`: as generate, repainting the white part of --mask on --image."""
+    image = _open_image(args.image, "--image")
+    mask = _open_image(args.mask, "--mask")
+    request, height, width = _validate_with_image(args, image)
+    try:
+        images.prepare_masks([mask], [image], height, width)
+    except ValueError as err:
+        raise UsageError(f"--mask: {err}") from None
+
+    def call(pipe, part, kw):
+        n = len(request.seeds[part])
+        return pipe.inpaint([image] * n, [mask] * n, request.prompts[part], args.strength,
+                            request.negative_prompts[part], height=height, width=width,
+                            paste_back=args.paste_back, **kw)
+
+    return _generate(args, request, call, {"Denoising strength": args.strength})
+
+
+def _open_image(path: str, flag: str):
+    """Opens and fully decodes an image file (so a broken file fails before the model loads)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (OSError, UnidentifiedImageError) as err:
+        raise UsageError(f"{flag} {path!r} is not a readable image: {err}") from None
+
+
+def _validate_with_image(args: argparse.Namespace, image) -> tuple[Any, int, int]:
+    try:
+        _, height, width = images.prepare_images([image], args.height, args.width)
+    except ValueError as err:
+        raise UsageError(f"--image: {err}") from None
+    return validate_generation(args, args.prompt, height, width), height, width
+
+
+def _generate(args: argparse.Namespace, request: Any, call: Callable, extra: dict | None = None) -> int:
+    """Loads the model, runs `call(pipe, batch_slice, common_kwargs)` per batch, writes numbered PNGs."""
     out = check_out_dir(args.out)
     try:
         pipe = load(args)
@@ -242,14 +349,14 @@ def run_generate(args: argparse.Namespace) -> int:
     batch = args.batch_size or len(request.seeds)
     for start in range(0, len(request.seeds), batch):
         part = slice(start, start + batch)
+        kw = dict(steps=args.steps, guidance_scale=args.guidance_scale, seeds=request.seeds[part],
+                  scheduler=args.scheduler, progress=_progress(args))
         try:
-            gen = pipe.txt2img(request.prompts[part], request.negative_prompts[part], steps=args.steps,
-                               guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                               seeds=request.seeds[part], scheduler=args.scheduler, progress=_progress(args))
+            gen = call(pipe, part, kw)
         except ValueError as err:  # a check that needs the model (e.g. its own size multiple)
             raise UsageError(_name_flag(str(err))) from None
         try:
-            written += save_generation(gen, out, model_label(args.model))
+            written += save_generation(gen, out, model_label(args.model), extra)
         except OSError as err:
             return fail(f"could not write to --out {args.out!r}: {err}" + (f"; {_wrote(written)}" if written else ""))
     print(_wrote(written))
@@ -272,12 +379,12 @@ def model_label(model: str) -> str:
     return path.resolve().name if path.exists() else model
 
 
-def save_generation(gen: Any, out: pathlib.Path, model_name: str) -> list[pathlib.Path]:
+def save_generation(gen: Any, out: pathlib.Path, model_name: str, extra: dict | None = None) -> list[pathlib.Path]:
     """Writes every image of a Generation as ``<number>-<seed>.png`` in `out`, never replacing a file."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(gen.images):
-        text = pngmeta.infotext(gen, i, model=model_name)
+        text = pngmeta.infotext(gen, i, model=model_name, extra=extra)
         paths.append(write_numbered(out, gen.seeds[i], image, text))
     return paths
 

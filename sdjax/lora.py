@@ -5,6 +5,10 @@
     sdjax.lora.save("my_lora.safetensors", lora)                                   # diffusers/peft format
     params = sdjax.lora.apply_files(pipe.params, [("my_lora.safetensors", 0.8)])  # inference, zero overhead
 
+Training: `opt_state = optax.adamw(1e-4).init(lora)`; `grads = jax.grad(loss)(lora)` is a LoRA of the same
+structure; `optax.apply_updates(lora, updates)` keeps the static `targets`. `concat(unet_lora, te_lora)` joins
+LoRAs of different ranks/alphas over disjoint paths; `merge_many` adds several with their own scales.
+
 The `LoRA` pytree. `lora.weights` maps the '/'-joined path of each adapted kernel to its two factors:
 
     {"unet/down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel":
@@ -21,7 +25,7 @@ i.e. the kernel-shaped product sum_r down[h, w, i, r] * up[0, 0, r, o].
 Key names in files (both map through the rule tables, never by guessing from names or shapes):
 - peft/diffusers: `unet.<module>.lora_A.weight` [r, in] (conv [r, in, kh, kw]) and `.lora_B.weight` [out, r]
   (conv [out, r, 1, 1]); text encoder `text_encoder.text_model.<module>...` (read with or without
-  `text_model.`). Alpha lives in the safetensors metadata `lora_adapter_metadata` (diffusers >= 0.34 reads it
+  `text_model.`). Alpha lives in the safetensors metadata `lora_adapter_metadata` (recent diffusers, 0.42 here, read it
   as peft `LoraConfig` kwargs: `unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, `unet.alpha_pattern`, ...);
   a file without it means alpha = rank, the peft/diffusers convention.
 - kohya/A1111: `lora_unet_<module with . -> _>.lora_down.weight` / `.lora_up.weight` / `.alpha`, text encoder
@@ -33,13 +37,15 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 import math
 import os
 import re
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -125,22 +131,10 @@ def init(key: jax.Array, params: Mapping, rank: int, alpha: float | None = None,
     return LoRA(weights, tuple(Target(p, modules[p], alpha, int(rank)) for p in paths))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _init_factors(key: jax.Array, shapes: tuple[tuple[int, ...], ...], rank: int, dtype: Any) -> list:
-    """(down [..., in, r] ~ U(+-1/sqrt(fan_in)), up [..., r, out] = 0) per kernel shape, in one compilation."""
-    out = []
-    for k, shape in zip(jax.random.split(key, len(shapes)), shapes):
-        bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
-        down = jax.random.uniform(k, shape[:-1] + (rank,), dtype, -bound, bound)
-        up = jnp.zeros((1, 1, rank, shape[-1]) if len(shape) == 4 else (rank, shape[-1]), dtype)
-        out.append((down, up))
-    return out
-
-
 def concat(*loras: LoRA) -> LoRA:
     """One LoRA from several over disjoint paths (e.g. a UNet one and a text-encoder one of another rank)."""
     targets = sorted((t for lora in loras for t in lora.targets), key=lambda t: t.path)
-    dup = sorted({a.path for a, b in zip(targets, targets[1:]) if a.path == b.path})
+    dup = sorted({a.path for a, b in itertools.pairwise(targets) if a.path == b.path})
     if dup:
         raise LoRAError(f"concat: paths in more than one LoRA: {_few(dup)} (use merge_many to add them)")
     return LoRA({p: w for lora in loras for p, w in lora.weights.items()}, tuple(targets))
@@ -149,7 +143,7 @@ def concat(*loras: LoRA) -> LoRA:
 def select(params: Mapping, targets: Sequence[str] | str) -> list[str]:
     """The sorted '/'-joined kernel paths (Dense [in, out] or Conv [kh, kw, in, out]) matching any regex."""
     if isinstance(targets, str):
-        targets = TARGET_SETS[targets] if targets in TARGET_SETS else (targets,)
+        targets = TARGET_SETS.get(targets, (targets,))
     kernels = sorted(p for p, leaf in _flat(params).items()
                      if p.endswith("/kernel") and len(leaf.shape) in (2, 4) and p.split("/")[0] in COMPONENTS)
     chosen = set()
@@ -313,7 +307,7 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], params: Mapping, *, metad
     if not tensors:
         raise LoRAError(f"{source}: holds no tensors")
     kohya = all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
-    if any(k.startswith("lora_te2_") or k.startswith("lora_te1_") for k in tensors):
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in tensors):
         raise LoRAError(f"{source}: has SDXL text-encoder keys (lora_te1_/lora_te2_); sdjax is SD 1.x/2.x")
     if any(k.endswith(("dora_scale", "lora_magnitude_vector")) or "lora_magnitude_vector" in k for k in tensors):
         raise LoRAError(f"{source}: is a DoRA file, which sdjax does not support")
@@ -397,6 +391,22 @@ def ldm_module(module: str, cfg: UNetConfig) -> str | None:
         attn = cfg.up_block_types[i] == "CrossAttnUpBlock2D"
         return f"output_blocks.{i * per + per - 1}.{2 if attn else 1}.conv"
     return None
+
+
+def _init_factors(key: jax.Array, shapes: tuple[tuple[int, ...], ...], rank: int, dtype: Any) -> list:
+    """(down [..., in, r] ~ U(+-1/sqrt(fan_in)), up [..., r, out] = 0) per kernel shape.
+
+    One random draw for all of them (one small compilation, however many kernels), cut up on the host."""
+    sizes = [math.prod(shape[:-1]) * rank for shape in shapes]
+    noise = np.asarray(jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0))
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+        down = (noise[start:start + size] * bound).reshape(shape[:-1] + (rank,))
+        up = np.zeros((1, 1, rank, shape[-1]) if len(shape) == 4 else (rank, shape[-1]))
+        out.append((jnp.asarray(down, dtype), jnp.asarray(up, dtype)))
+        start += size
+    return out
 
 
 def _flat(params: Mapping) -> dict[str, Any]:

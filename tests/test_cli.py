@@ -244,3 +244,51 @@ def test_exclusive_write_never_replaces(tmp_path):
     assert cli.next_number(tmp_path) == 42
     written = cli.write_numbered(tmp_path, 9, Image.new("RGB", (8, 8)), "text")
     assert written.name == "00042-9.png"
+
+
+@pytest.fixture(scope="module")
+def input_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(folder / "in.png")
+    mask = np.zeros((72, 80), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask, mode="L").save(folder / "mask.png")
+    Image.fromarray(mask[:40], mode="L").save(folder / "small_mask.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    return folder
+
+
+def test_img2img_and_inpaint_commands(tiny_sd_folder, cache_dir, input_files, tmp_path, capsys):
+    common = ["--model", str(tiny_sd_folder), "--cache-dir", cache_dir, "--no-progress", "--steps", "4",
+              "--seed", "9"]
+    out = tmp_path / "out"
+    assert cli.main(["img2img", "a cat", "--image", str(input_files / "in.png"), "--strength", "0.5",
+                     "--out", str(out), *common]) == 0
+    assert cli.main(["inpaint", "a dog", "--image", str(input_files / "in.png"), "--mask",
+                     str(input_files / "mask.png"), "--paste-back", "--out", str(out), *common]) == 0
+    assert "wrote 1 image" in capsys.readouterr().out
+    first, second = sorted(out.iterdir())
+    with Image.open(first) as img:
+        assert img.size == (80, 72)  # the input's size (already a multiple of 8)
+        params = pngmeta.parse_parameters(img.info["parameters"])
+    assert params["Denoising strength"] == "0.5" and params["Seed"] == "9" and params["prompt"] == "a cat"
+    kept = np.asarray(Image.open(input_files / "mask.png")) == 0
+    assert np.array_equal(pixels(second)[kept], pixels(input_files / "in.png")[kept])  # pasted back
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["img2img", "x", "--image", "{d}/in.png", "--strength", "1.5"], "--strength"),
+    (["img2img", "x", "--image", "{d}/missing.png"], "--image"),
+    (["img2img", "x", "--image", "{d}/broken.png"], "--image"),
+    (["inpaint", "x", "--image", "{d}/in.png", "--mask", "{d}/small_mask.png"], "--mask"),
+    (["inpaint", "x", "--image", "{d}/in.png", "--mask", "{d}/in.png"], "--mask"),
+    (["inpaint", "x", "--image", "{d}/in.png"], "--mask"),
+])
+def test_bad_image_arguments_exit_2_and_write_nothing(tiny_sd_folder, input_files, tmp_path, capsys, args, flag):
+    out = tmp_path / "out"
+    argv = [a.format(d=input_files) for a in args] + ["--model", str(tiny_sd_folder), "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert not out.exists()

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sdjax import io, lora as L, parallel
+from sdjax import io, parallel
+from sdjax import lora as L
 from sdjax import pipeline as sdp
 from sdjax.unet import UNetConfig
 from tests import reference as ref
@@ -197,11 +198,14 @@ def test_peft_file_from_diffusers_loads_in_sdjax(pipe, params, tiny_torch_pipe, 
             tmp_path, unet_lora_layers=get_peft_model_state_dict(torch_pipe.unet), text_encoder_lora_layers=te_layers,
             unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=te_config.to_dict())
         theirs = torch_pixels(torch_pipe)
+    base = sdjax_pixels(pipe, params)
+    with torch_lora(tiny_torch_pipe) as torch_pipe:  # unloading restored the shared pipe
+        assert ref.max_err(torch_pixels(torch_pipe), base) <= TOL
     lora = L.load(tmp_path / "pytorch_lora_weights.safetensors", params)
     assert {t.alpha / t.rank for t in lora.targets if t.path.startswith("unet/")} == {2.0}
     assert len([t for t in lora.targets if t.path.startswith("text_encoder/")]) == 3 * 4
     ours = sdjax_pixels(pipe, L.merge(params, lora))
-    change = float(np.abs(ours - sdjax_pixels(pipe, params)).mean())
+    change = float(np.abs(ours - base).mean())
     err = ref.max_err(ours, theirs)
     print(f"[lora] diffusers peft file in sdjax: max abs err {err:.3g}, mean change {change:.3g}")
     assert err <= TOL and change > 25 * TOL
@@ -260,7 +264,7 @@ def test_kohya_ldm_names(params):
         assert L.ldm_module(module, cfg) == ldm
     # A file in LDM naming reads exactly like the diffusers-named one.
     lora = randomized(L.init(jax.random.key(14), params, rank=2, targets="unet_full"), seed=15)
-    tensors, meta = L.to_state_dict(lora, "kohya")
+    tensors, _ = L.to_state_dict(lora, "kohya")
     tiny = UNetConfig.tiny()
     renamed = {}
     for t in lora.targets:

@@ -1,4 +1,5 @@
-"""Data parallelism on 8 simulated CPU devices: same images as on 1 device; batches that don't divide work."""
+"""Data parallelism on 8 simulated CPU devices: txt2img, img2img and inpainting give the same images as on 1
+device, and a batch of 5 (padded to 8, trimmed back) works."""
 
 from __future__ import annotations
 
@@ -25,8 +26,17 @@ SCRIPT = textwrap.dedent("""
     g8 = eight.txt2img(prompts, **kw)  # 5 images on 8 devices: padded to 8, trimmed back to 5
     g1 = one.txt2img(prompts, **kw)
     g8_first = eight.txt2img(prompts[:1], **{**kw, "seeds": [5]})
+    rng = np.random.default_rng(0)
+    images = list(rng.integers(0, 255, (5, 64, 64, 3), dtype=np.uint8))
+    masks = [np.zeros((64, 64), bool) for _ in range(5)]
+    for i, m in enumerate(masks):
+        m[8 * i:8 * i + 24, 16:48] = True
+    tasks = {}
+    for name, p in (("eight", eight), ("one", one)):
+        tasks[name + "_i2i"] = p.img2img(images, prompts, 0.6, **kw).pixels
+        tasks[name + "_inp"] = p.inpaint(images, masks, prompts, **kw).pixels
     np.savez(out, eight=g8.pixels, one=g1.pixels, eight_first=g8_first.pixels,
-             sharded=len(eight.params["unet"]["conv_in"]["kernel"].sharding.device_set))
+             sharded=len(eight.params["unet"]["conv_in"]["kernel"].sharding.device_set), **tasks)
 """)
 
 
@@ -40,6 +50,9 @@ def test_eight_devices_match_one(tiny_sd_folder, tmp_path):
     r = np.load(out)
     assert r["eight"].shape == r["one"].shape == (5, 64, 64, 3)
     assert int(r["sharded"]) == 8  # params really are on all 8 devices
-    assert np.max(np.abs(r["eight"] - r["one"])) <= 1e-5
-    assert np.max(np.abs(r["eight_first"][0] - r["eight"][0])) <= 1e-5
+    assert np.max(np.abs(r["eight"] - r["one"])) <= 1e-4  # float rounding only: far below one 8-bit level (3.9e-3)
+    assert np.max(np.abs(r["eight_first"][0] - r["eight"][0])) <= 1e-4  # float rounding only: far below one 8-bit level (3.9e-3)
     assert np.abs(r["eight"][0] - r["eight"][1]).mean() > 0.01
+    for task in ("i2i", "inp"):
+        assert r[f"eight_{task}"].shape == (5, 64, 64, 3)
+        assert np.max(np.abs(r[f"eight_{task}"] - r[f"one_{task}"])) <= 1e-4  # float rounding only: far below one 8-bit level (3.9e-3)

