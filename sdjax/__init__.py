@@ -6,6 +6,7 @@
     result.images[0].save("astronaut.png")
 """
 
+from sdjax import xla_flags as _xla_flags  # noqa: F401  (first: process settings before JAX starts)
 from sdjax.checkpoint import load as load_component, save as save_component
 from sdjax.clip import CLIPConfig, TextEncoder
 from sdjax.io import ClipTokenizer, load_tokenizer, resolve_model

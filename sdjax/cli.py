@@ -93,6 +93,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=tuple(convert.DTYPES),
                    help="compute dtype (default: %(default)s)")
     g.add_argument("--variant", default=None, help='weights variant to load, e.g. "fp16"')
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA (peft/diffusers or kohya safetensors) at SCALE (default 1); repeatable")
     g.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="XLA compilation cache folder (default: $SDJAX_CACHE_DIR or ~/.cache/sdjax/xla; "
                         '"off" disables)')
@@ -266,13 +268,34 @@ def _name_flag(message: str) -> str:
     return message
 
 
+def check_loras(specs: Sequence[str]) -> list[tuple[str, float]]:
+    """--lora FILE[:SCALE] values: the files exist and are safetensors (read before the model loads)."""
+    from sdjax import lora
+
+    out = []
+    for spec in specs:
+        path, scale = lora.parse_spec(spec)
+        if not os.path.isfile(path):
+            raise UsageError(f"--lora {spec!r}: no such file {path!r}")
+        if not path.endswith(".safetensors"):
+            raise UsageError(f"--lora {spec!r}: only .safetensors LoRA files are read (never pickles)")
+        out.append((path, scale))
+    return out
+
+
 def load(args: argparse.Namespace) -> Any:
-    """Loads the pipeline; raises LoadError with the loader's own message on failure."""
+    """Loads the pipeline (and merges --lora files); raises LoadError with the loader's message on failure."""
     try:
-        return pipeline.load_pipeline(args.model, dtype=args.dtype, variant=args.variant,
+        pipe = pipeline.load_pipeline(args.model, dtype=args.dtype, variant=args.variant,
                                       compilation_cache=args.cache_dir)
     except (OSError, ValueError) as err:
         raise LoadError(f"could not load --model {args.model!r}: {err}") from err
+    if args.lora:
+        try:
+            pipe.set_loras(check_loras(args.lora))
+        except (OSError, ValueError) as err:
+            raise LoadError(f"could not apply --lora: {err}") from err
+    return pipe
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -341,10 +364,13 @@ def _validate_with_image(args: argparse.Namespace, image) -> tuple[Any, int, int
 def _generate(args: argparse.Namespace, request: Any, call: Callable, extra: dict | None = None) -> int:
     """Loads the model, runs `call(pipe, batch_slice, common_kwargs)` per batch, writes numbered PNGs."""
     out = check_out_dir(args.out)
+    check_loras(args.lora)
     try:
         pipe = load(args)
     except LoadError as err:
         return fail(str(err))
+    if args.lora:
+        extra = {**(extra or {}), "LoRA": ", ".join(f"{pathlib.Path(p).stem}:{s:g}" for p, s in check_loras(args.lora))}
     written: list[pathlib.Path] = []
     batch = args.batch_size or len(request.seeds)
     for start in range(0, len(request.seeds), batch):

@@ -96,6 +96,7 @@ class Pipeline:
         self.models = models
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.params = parallel.put_replicated(params, self.mesh)
+        self.base_params = self.params  # without LoRAs; `set_loras` merges into a copy of these
         self.tokenizer = tokenizer
         self.scheduler_config = schedulers.SchedulerConfig.from_dict(scheduler_config)
         self.default_scheduler = SCHEDULER_CLASSES.get(scheduler_config.get("_class_name"), "pndm")
@@ -116,6 +117,18 @@ class Pipeline:
             self._compiled[job] = jax.jit(functools.partial(fn, self.models), static_argnames=static,
                                           out_shardings=parallel.batch_sharded(self.mesh))
         return self._compiled[job]
+
+    def set_loras(self, loras: Sequence[str | tuple[str | os.PathLike, float]]) -> Pipeline:
+        """Merges LoRA files (peft/diffusers or kohya safetensors) into the base weights at their scales:
+        [(path, scale), ...] or "FILE[:SCALE]" strings; [] restores the base. Shapes don't change, so nothing
+        recompiles, and inference runs at the base model's speed."""
+        from sdjax import lora
+
+        base = {k: v for k, v in self.base_params.items() if k in lora.COMPONENTS}
+        cfgs = {"unet": self.models.unet.config, "text_encoder": self.models.text_encoder.config}
+        merged = lora.apply_files(base, list(loras), configs=cfgs) if loras else base
+        self.params = parallel.put_replicated({**self.base_params, **merged}, self.mesh)
+        return self
 
     def schedule(self, name: str | None, steps: int) -> schedulers.Schedule:
         return schedulers.create(name or self.default_scheduler, self.scheduler_config, steps)

@@ -276,7 +276,7 @@ def make_train_step(models: sampling.Models, cfg: TrainConfig, optimizer: optax.
         loss, grads = jax.value_and_grad(loss_fn)(lo)
         updates, opt_state = optimizer.update(grads, opt_state, lo)
         lo = optax.apply_updates(lo, updates)
-        return lo, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return lo, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     return jax.jit(step, donate_argnums=(0, 1), in_shardings=(rep, rep, rep, shard, rep),
@@ -297,6 +297,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.restored_config: dict[str, Any] = {}
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -323,6 +324,7 @@ class Checkpointer:
                               "trying an older one", stacklevel=2)
                 continue
             arrays, meta = got.state, got.meta
+            self.restored_config = meta.get("config", {})
             return TrainState(arrays["lora"], arrays["opt_state"], int(meta["step"]),
                               jax.random.wrap_key_data(arrays["key"]), data.DataPosition.from_dict(meta["position"]))
         return None
@@ -386,6 +388,7 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
         raise ValueError("cache_latents fixes the text embeddings, so a text-encoder LoRA would not train; "
                          "target only the UNet or do not cache")
     state = (ckpt.restore_latest(state) if resume else None) or state
+    _warn_changed(ckpt.restored_config, cfg)
     step_fn = make_train_step(pipe.models, cfg, optimizer, pipe.mesh, pipe.scheduler_config)
     try:
         state, losses, stopped = _loop(step_fn, state, pipe, dataset, ckpt, cfg, out, progress, max_steps)
@@ -396,6 +399,20 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
         path = out / "lora.safetensors"
         lora_lib.save(path, state.lora, format=cfg.lora_format)
     return TrainResult(state.lora, state.step, losses, stopped, out, path)
+
+
+# Settings a resumed run may change without breaking exact continuation.
+_FREE_TO_CHANGE = ("checkpoint_every", "keep_last", "sample_every", "sample_prompts", "sample_steps",
+                   "sample_guidance", "lora_format", "bad_images")
+
+
+def _warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Warns when a resumed run's settings differ from its checkpoint's (it then no longer reproduces a run)."""
+    now = cfg.to_dict()
+    changed = sorted(k for k in saved if k not in _FREE_TO_CHANGE and saved[k] != now.get(k))
+    if changed:
+        warnings.warn("resuming with settings that differ from the checkpoint's: " + ", ".join(
+            f"{k}={saved[k]!r} -> {now.get(k)!r}" for k in changed), stacklevel=3)
 
 
 def _in_dtype(pipe, dtype: Any):

@@ -292,3 +292,26 @@ def test_bad_image_arguments_exit_2_and_write_nothing(tiny_sd_folder, input_file
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_generate_with_lora(tiny_sd_folder, cache_dir, tmp_path, capsys):
+    import jax
+
+    from sdjax import lora, pipeline
+
+    pipe = pipeline.load_pipeline(tiny_sd_folder, compilation_cache="off")
+    adapter = lora.init(jax.random.key(0), pipe.params, rank=4, alpha=4)
+    adapter = adapter.replace(weights=jax.tree.map(lambda w: w + 0.3, adapter.weights))  # up != 0: it has effect
+    path = tmp_path / "style.safetensors"
+    lora.save(path, adapter, format="kohya")
+    base = ["generate", "a cat", "--model", str(tiny_sd_folder), "--cache-dir", cache_dir, "--no-progress",
+            "--seed", "3", *TINY]
+    assert cli.main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert cli.main([*base, "--out", str(tmp_path / "lora"), "--lora", f"{path}:0.7"]) == 0
+    (plain,), (styled,) = sorted((tmp_path / "plain").iterdir()), sorted((tmp_path / "lora").iterdir())
+    assert np.abs(pixels(plain).astype(float) - pixels(styled)).mean() > 1.0
+    with Image.open(styled) as img:
+        assert pngmeta.parse_parameters(img.info["parameters"])["LoRA"] == "style:0.7"
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(tmp_path / "bad"), "--lora", str(tmp_path / "nope.safetensors")]) == 2
+    assert "--lora" in capsys.readouterr().err and not (tmp_path / "bad").exists()

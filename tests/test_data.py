@@ -197,7 +197,7 @@ def test_cache_in_memory_and_file(tmp_path):
         cached = ds.cache(images, captions, path=path, batch_size=8)
     assert calls == [2] and path.is_file()
     np.testing.assert_array_equal(cached.order(2), ds.order(2))
-    batch, pos = next(cached.batches(2, data.DataPosition(1, 0)))
+    batch, _ = next(cached.batches(2, data.DataPosition(1, 0)))
     assert batch["latents"].shape == (2, 2, 2, 4) and batch["context"].shape == (2, 3, 2)
     assert set(batch["index"]) <= {0, 3}
     again = ds.cache(images, captions, path=path)

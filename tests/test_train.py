@@ -8,6 +8,7 @@ data set (coloured circles and squares with captions) and one XLA cache (subproc
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import subprocess
@@ -38,8 +39,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), 
 
 
 def config(**overrides) -> train.TrainConfig:
-    base = dict(rank=8, alpha=8, lr=3e-3, warmup_steps=10, steps=STEPS, batch_size=8, resolution=64, crop="random",
-                random_flip=True, targets=TARGETS, seed=0, checkpoint_every=10, keep_last=3)
+    base = {"rank": 8, "alpha": 8, "lr": 3e-3, "warmup_steps": 10, "steps": STEPS, "batch_size": 8, "resolution": 64,
+            "crop": "random", "random_flip": True, "targets": TARGETS, "seed": 0, "checkpoint_every": 10,
+            "keep_last": 3}
     return train.TrainConfig(**{**base, **overrides})
 
 
@@ -189,7 +191,8 @@ DATA_PARALLEL = textwrap.dedent("""
     folder, shapes, out = sys.argv[1:4]
     assert jax.device_count() == 8
     cfg = train.TrainConfig(rank=4, lr=1e-3, batch_size=8, resolution=32, dtype="float32", crop="random",
-                            random_flip=True, min_snr_gamma=5.0, targets=("unet", "^unet/conv_out/kernel$"))
+                            random_flip=True, min_snr_gamma=5.0, prediction_type="v_prediction",
+                            targets=("unet", "^unet/conv_out/kernel$"))
     batch, _ = next(data.ImageCaptionDataset(shapes, 32, crop="random", random_flip=True).batches(8))
     results = {}
     for name, devices in (("eight", jax.devices()), ("one", jax.devices()[:1])):
@@ -253,25 +256,25 @@ def test_min_snr_weights():
     assert w[0] < 0.01 and w[-1] == pytest.approx(1.0)  # low noise (high snr) down-weighted
 
 
-def test_branch_and_merge_give_the_same_loss_and_gradients(model):
+def test_branch_and_merge_give_the_same_loss(model):
+    """The side-branch application of Dense LoRAs (conv ones merged) is the same function as merging them all:
+    with every up factor nonzero, a skipped or misplaced entry would change the loss."""
     pipe = pipeline.load_pipeline(model, compilation_cache="off")
     cfg = config(targets=("unet_full", r"^unet/conv_(in|out)/kernel$"), rank=2)
     lo = train.init_lora(cfg, pipe.params, jax.random.key(1))
-    lo = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), lo)  # up != 0
+    lo = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(2), a.shape), lo)
     rng = np.random.default_rng(0)
     batch = {"latents": rng.normal(size=(2, 4, 4, 4)).astype(np.float32),
              "context": rng.normal(size=(2, 77, 32)).astype(np.float32)}
     ac = jnp.asarray(schedulers.alphas_cumprod(pipe.scheduler_config))
 
-    def run(mode):
-        fn = lambda lo: train.diffusion_loss(pipe.models, pipe.params, batch, jax.random.key(3), ac,  # noqa: E731
-                                             "v_prediction", 5.0, lo, mode)
-        return jax.jit(jax.value_and_grad(fn))(lo)
+    @functools.partial(jax.jit, static_argnums=0)
+    def loss(mode, lo):
+        return train.diffusion_loss(pipe.models, pipe.params, batch, jax.random.key(3), ac, "epsilon", None, lo, mode)
 
-    (l1, g1), (l2, g2) = run("branch"), run("merge")
-    assert abs(float(l1) - float(l2)) <= 1e-5
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    base = float(loss("merge", train.init_lora(cfg, pipe.params, jax.random.key(1))))
+    branch, merged = float(loss("branch", lo)), float(loss("merge", lo))
+    assert abs(branch - merged) <= 1e-5 * abs(merged) and abs(merged - base) > 1e-2
 
 
 def small_state(value: float) -> train.TrainState:
