@@ -394,14 +394,14 @@ class _atomic_file:
             self.file.close()
             if exc_type is None:
                 os.replace(self.tmp, self.path)
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
         return False
 
 
-def _fsync_dir(folder: pathlib.Path) -> None:
+def fsync_dir(folder: pathlib.Path) -> None:
     """Makes a rename durable (best effort: not every platform can open a folder)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -161,18 +161,11 @@ class Pipeline:
         latents: optional [B, h/8, w/8, 4] standard-normal noise replacing the seeded draw."""
         strength = _check_strength(strength)
         pixels, height, width = sdimages.prepare_images(images, height, width, self.models.vae_scale)
-        if isinstance(prompts, str):
-            prompts = [prompts] * len(pixels)
-        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
-        _check_count("images", len(pixels), len(req.prompts))
-        latents = self._check_latents(latents, len(req.prompts), height, width)
-        schedule = self.schedule(req.scheduler, steps)
-        if int(steps * strength) == 0:  # strength 0 (or too small for one step): nothing to denoise
+        job = self._image_job(pixels, prompts, strength, negative_prompts, seeds, steps, guidance_scale, scheduler,
+                              latents)
+        req, schedule, first, batch = job
+        if first is None:  # strength 0 (or too small for one step): nothing to denoise
             return self._unchanged(pixels, req, schedule, steps, guidance_scale, strength)
-        first = schedulers.first_call_index(schedule, strength)
-        batch = {**self._text_batch(req), "pixels": pixels}
-        if latents is not None:
-            batch["latents"] = latents
         out, final = self._run("img2img", _img2img_job, schedule, batch, req, guidance_scale, first=first,
                                progress=progress)
         return self._result(out, final, req, schedule, steps, guidance_scale, height, width, strength=strength)
@@ -195,22 +188,32 @@ class Pipeline:
                              "channels): mask blending needs a 4-channel UNet, blend=False a 9-channel one")
         pixels, height, width = sdimages.prepare_images(images, height, width, self.models.vae_scale)
         mask_arr = sdimages.prepare_masks(masks, images, height, width)
-        if isinstance(prompts, str):
-            prompts = [prompts] * len(pixels)
-        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
-        _check_count("images", len(pixels), len(req.prompts))
-        latents = self._check_latents(latents, len(req.prompts), height, width)
-        schedule = self.schedule(req.scheduler, steps)
-        if int(steps * strength) == 0:  # strength 0 (or too small for one step): nothing to denoise
+        req, schedule, first, batch = self._image_job(pixels, prompts, strength, negative_prompts, seeds, steps,
+                                                      guidance_scale, scheduler, latents)
+        if first is None:
             return self._unchanged(pixels, req, schedule, steps, guidance_scale, strength)
-        first = schedulers.first_call_index(schedule, strength)
-        batch = {**self._text_batch(req), "pixels": pixels, "masks": mask_arr}
-        if latents is not None:
-            batch["latents"] = latents
+        batch["masks"] = mask_arr
         out, final = self._run("inpaint", _inpaint_job, schedule, batch, req, guidance_scale, first=first,
                                progress=progress, dedicated=dedicated, paste_back=bool(paste_back))
         return self._result(out, final, req, schedule, steps, guidance_scale, height, width, strength=strength,
                             paste_back=bool(paste_back))
+
+    def _image_job(self, pixels, prompts, strength, negative_prompts, seeds, steps, guidance_scale, scheduler,
+                   latents):
+        """Shared set-up of the jobs that start from images: (request, schedule, first call or None, batch)."""
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(pixels)
+        height, width = pixels.shape[1:3]
+        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
+        _check_count("images", len(pixels), len(req.prompts))
+        latents = self._check_latents(latents, len(req.prompts), height, width)
+        schedule = self.schedule(req.scheduler, steps)
+        # First call index from strength on the host, in float64 exactly as the reference; traced in the loop.
+        first = schedulers.first_call_index(schedule, strength) if int(steps * strength) > 0 else None
+        batch = {**self._text_batch(req), "pixels": pixels}
+        if latents is not None:
+            batch["latents"] = latents
+        return req, schedule, first, batch
 
     def _validate(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler):
         return validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,

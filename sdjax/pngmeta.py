@@ -34,6 +34,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from sdjax import io
+
 PathLike = str | os.PathLike
 
 KEYWORD = "parameters"
@@ -197,7 +199,7 @@ def write_png(path: PathLike, image: Image.Image, parameters: str | None = None,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
+    io.fsync_dir(path.parent)
     return path
 
 
@@ -224,20 +226,6 @@ def _publish(tmp: str, path: pathlib.Path, exclusive: bool) -> None:
         if path.exists():  # no hard links on this file system: check, then rename
             raise FileExistsError(f"{str(path)!r} already exists") from None
         os.replace(tmp, path)
-
-
-def _fsync_dir(folder: pathlib.Path) -> None:
-    """Makes a rename durable (best effort: not every platform can open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_text(png_path: PathLike) -> str | None:
