@@ -4,9 +4,11 @@ fine-tune's AdamW state (2 x UNet params x 4 bytes).
     flock /tmp/sd15.lock python scripts/lora_memory.py [--model bench_cache/sd15-random] [--resolution 256]
         [--batch-size 1] [--rank 4] [--mode branch|merge] [--json OUT.json]
 
-Reports (host RSS, from /proc/self/status): after loading the pipeline, after compiling the step, and the peak
-while running steps (VmHWM reset after compiling through /proc/self/clear_refs, so the compiler's own peak
-is reported separately). On an accelerator the RSS numbers describe the host side only.
+Reports XLA's buffer accounting of the compiled step (arguments, outputs, temporaries) and host RSS (from
+/proc/self/status): after loading the pipeline, after compiling the step, and the peak while running steps
+(VmHWM reset after compiling through /proc/self/clear_refs, so the compiler's own peak is not counted). On an
+accelerator the RSS numbers describe the host side only. On CPU, XLA runs bfloat16 dots and convolutions in
+float32, so its temporaries include float32 copies of the weights that a GPU or TPU would not make.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def tree_bytes(tree) -> int:
     import jax
 
     return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def memory_analysis(compiled) -> dict[str, int] | None:
+    """XLA's own accounting of the step's buffers (arguments, outputs, temporaries), where the backend has it."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+             "generated_code_size_in_bytes")
+    return {n: int(getattr(m, n)) for n in names if hasattr(m, n)} if m is not None else None
 
 
 def main(argv=None) -> dict:
@@ -94,6 +107,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state.lora, state.opt_state, pipe.params, batch, jax.random.key(0)).compile()
     report["compile_s"] = time.perf_counter() - t0
+    report["xla_memory_analysis"] = memory_analysis(compiled)
     report["rss_after_compile_mib"] = rss_mib()
     report["peak_reset"] = reset_peak()
     times, losses = [], []

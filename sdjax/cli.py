@@ -1,4 +1,4 @@
-"""The ``sdjax`` command line: ``sdjax generate|img2img|inpaint "PROMPT" [options]``.
+"""The ``sdjax`` command line: ``sdjax generate|img2img|inpaint "PROMPT" [options]``, ``sdjax train-lora``.
 
 Every argument is checked before anything heavy happens (no model load, no output folder, no files on a
 bad argument). Exit status: 0 success, 2 bad arguments, 1 model loading or writing failed, 130 interrupted.
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_img2img(sub)
     add_inpaint(sub)
+    from sdjax import train  # the training subcommand's flags live beside the training code
+
+    train.add_train_lora_parser(sub)
     return parser
 
 

@@ -135,8 +135,8 @@ def resize_and_crop(img: Image.Image, size: tuple[int, int], offset: tuple[float
     new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
     if new != img.size:
         img = img.resize(new, Image.Resampling.BICUBIC)
-    top = int(round(offset[0] * (img.height - h)))
-    left = int(round(offset[1] * (img.width - w)))
+    top = round(offset[0] * (img.height - h))
+    left = round(offset[1] * (img.width - w))
     return img.crop((left, top, left + w, top + h))
 
 

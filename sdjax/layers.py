@@ -49,7 +49,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     if impl == "blocked":
         return _attention_blocked(q, k, v, causal)
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            # a shape/dtype/version this cuDNN build does not take (checked while tracing): the portable path
+            return _attention_blocked(q, k, v, causal) if k.shape[1] >= BLOCKED_MIN_KEYS else \
+                _attention_xla(q, k, v, causal)
     if impl == "pallas_tpu":
         if q.shape[1] % 128 or k.shape[1] % 128:
             return _attention_blocked(q, k, v, causal)

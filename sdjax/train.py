@@ -35,7 +35,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Self, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from sdjax import data, parallel, sampling, schedulers
+from sdjax import convert, data, parallel, sampling, schedulers
 from sdjax import lora as lora_lib
 from sdjax.vae import VAE
 
@@ -98,6 +98,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.prediction_type not in (None, *PREDICTION_TYPES):
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        convert.parse_dtype(self.dtype)
         if self.lora_mode not in LORA_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
@@ -319,7 +320,7 @@ class Checkpointer:
             try:
                 got = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
                 warnings.warn(f"checkpoint {self.directory / str(step)} could not be restored ({e}); "
                               "trying an older one", stacklevel=2)
                 continue
@@ -349,7 +350,7 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = signum
 
-    def __enter__(self) -> StopSignals:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -379,18 +380,18 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
     pipe = model if isinstance(model, pipeline_lib.Pipeline) else pipeline_lib.load_pipeline(model, dtype=cfg.dtype)
     pipe = _in_dtype(pipe, cfg.dtype)
     ckpt = Checkpointer(out / "checkpoints", cfg.keep_last)
-    if not resume and ckpt.steps():
-        raise ValueError(f"{ckpt.directory} already holds checkpoints {ckpt.steps()}: resume, or use another out")
-    dataset = make_dataset(data_dir, cfg, pipe)
-    optimizer = make_optimizer(cfg)
-    state = initial_state(cfg, pipe, optimizer)
-    if cfg.cache_latents and any(p.startswith("text_encoder/") for p in state.lora.paths):
-        raise ValueError("cache_latents fixes the text embeddings, so a text-encoder LoRA would not train; "
-                         "target only the UNet or do not cache")
-    state = (ckpt.restore_latest(state) if resume else None) or state
-    _warn_changed(ckpt.restored_config, cfg)
-    step_fn = make_train_step(pipe.models, cfg, optimizer, pipe.mesh, pipe.scheduler_config)
     try:
+        if not resume and ckpt.steps():
+            raise ValueError(f"{ckpt.directory} already holds checkpoints {ckpt.steps()}: resume, or use another out")
+        optimizer = make_optimizer(cfg)
+        state = initial_state(cfg, pipe, optimizer)
+        if cfg.cache_latents and any(p.startswith("text_encoder/") for p in state.lora.paths):
+            raise ValueError("cache_latents fixes the text embeddings, so a text-encoder LoRA would not train; "
+                             "target only the UNet or do not cache")
+        dataset = make_dataset(data_dir, cfg, pipe, out / "latent_cache.safetensors")
+        state = (ckpt.restore_latest(state) if resume else None) or state
+        _warn_changed(ckpt.restored_config, cfg)
+        step_fn = make_train_step(pipe.models, cfg, optimizer, pipe.mesh, pipe.scheduler_config)
         state, losses, stopped = _loop(step_fn, state, pipe, dataset, ckpt, cfg, out, progress, max_steps)
     finally:
         ckpt.close()
@@ -417,8 +418,6 @@ def _warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
 
 def _in_dtype(pipe, dtype: Any):
     """The pipeline with params and modules in `dtype` (a shallow copy when they are not already)."""
-    from sdjax import convert
-
     dtype = convert.parse_dtype(dtype)
     if pipe.models.unet.dtype == dtype and all(a.dtype == dtype for a in jax.tree.leaves(pipe.params)
                                                if jnp.issubdtype(a.dtype, jnp.floating)):
@@ -432,14 +431,18 @@ def _in_dtype(pipe, dtype: Any):
     return view
 
 
-def make_dataset(data_dir: str | Path, cfg: TrainConfig, pipe) -> data.ImageCaptionDataset | data.CachedDataset:
-    """The training data of a run: raw images, or their cached latents and text embeddings."""
+def make_dataset(data_dir: str | Path, cfg: TrainConfig, pipe,
+                 cache_file: str | Path | None = None) -> data.ImageCaptionDataset | data.CachedDataset:
+    """The training data of a run: raw images, or their cached latents and text embeddings (kept in
+    `cache_file` when given, and reused from it while the images, captions, model and settings match)."""
     ds = data.ImageCaptionDataset(data_dir, cfg.resolution, crop=cfg.crop, random_flip=cfg.random_flip,
                                   seed=cfg.seed, bad_images=cfg.bad_images)
     if cfg.cache_latents is None:
         return ds
     images, captions = cache_encoders(pipe, cfg)
-    return ds.cache(images, captions, mode=cfg.cache_latents, batch_size=cfg.batch_size)
+    model = f"{pipe.source}|{cfg.dtype}|seed={cfg.seed}"
+    return ds.cache(images, captions, mode=cfg.cache_latents, path=cache_file, batch_size=cfg.batch_size,
+                    fingerprint=model)
 
 
 def cache_encoders(pipe, cfg: TrainConfig) -> tuple[Callable, Callable]:
@@ -604,7 +607,8 @@ def add_train_lora_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--min-snr-gamma", type=float, default=None)
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default=d.dtype, choices=tuple(convert.DTYPES),
+                   help="compute dtype of the frozen model (LoRA and optimizer state stay float32)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--keep-last", type=int, default=d.keep_last)
     p.add_argument("--sample-every", type=int, default=d.sample_every)
@@ -630,14 +634,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train_lora(args: argparse.Namespace) -> int:
-    """`sdjax train-lora`: 0 when finished or stopped by a signal after saving, 2 on a bad setting."""
+    """`sdjax train-lora`: 0 when finished or stopped by a signal after saving, 2 on a bad setting, 1 when the
+    data, the model or the output cannot be used."""
     try:
         cfg = config_from_args(args)
     except ValueError as e:
         print(f"sdjax train-lora: error: {e}", file=sys.stderr)
         return 2
-    result = train_lora(args.data, args.model, args.out, cfg, resume=not args.no_resume,
-                        progress=False if args.no_progress else None)
+    try:
+        result = train_lora(args.data, args.model, args.out, cfg, resume=not args.no_resume,
+                            progress=False if args.no_progress else None)
+    except (OSError, ValueError) as e:  # missing data or model, bad images with --bad-images error, bad targets
+        print(f"sdjax train-lora: error: {e}", file=sys.stderr)
+        return 1
     if result.stopped:
         print(f"stopped at step {result.step}; checkpoint saved in {result.out / 'checkpoints'}", file=sys.stderr)
     else:
