@@ -70,7 +70,11 @@ SCHEDULERS = {
 # Worker side: one framework per process, commands as JSON lines on stdin, answers as MSG-prefixed JSON lines.
 
 
+_PEAK_SO_FAR = [0.0]  # the process's peak across resets (a reset also clears ru_maxrss on Linux)
+
+
 def _rss_reset() -> None:
+    _PEAK_SO_FAR[0] = max(_PEAK_SO_FAR[0], _rss_peak())
     try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -85,12 +89,17 @@ def _rss_peak() -> float:
                 return float(line.split()[1]) * 1024
     except OSError:
         pass
-    return _process_peak()
+    return _ru_maxrss()
+
+
+def _ru_maxrss() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(r) * (1 if sys.platform == "darwin" else 1024)
 
 
 def _process_peak() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(r) * (1 if sys.platform == "darwin" else 1024)
+    """Peak resident memory of the whole worker (loading included), across the per-call resets."""
+    return max(_PEAK_SO_FAR[0], _rss_peak())
 
 
 class SdjaxWorker:

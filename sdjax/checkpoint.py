@@ -56,15 +56,18 @@ def load(folder: str | os.PathLike, kind: str, *, dtype: Any = "float32", varian
     folder = Path(folder)
     config = k.parse(io.read_json(folder / "config.json"))
     files = io.find_weights(folder, k.stem, variant=variant)
-    state = io.read_safetensors(files)
+    state = io.LazyTensors(files)  # one tensor in host memory at a time
     if k.prefixes:
         state = convert.strip_prefixes(state, k.prefixes)
     source = ", ".join(str(f) for f in files)
+
+    def to_device(a: np.ndarray) -> jax.Array:
+        # Half-precision files cast through float32 so e.g. fp16 -> bf16 rounds once, from the exact value.
+        return jnp.asarray(np.ascontiguousarray(a, dtype=np.float32), dtype=dtype)
+
     params = convert.to_params(state, k.rules(config), abstract_params(kind, config), source=source,
-                               ignored=k.ignored)
-    del state
-    # Half-precision files cast through float32 so e.g. fp16 -> bf16 rounds once, from the exact value.
-    return config, jax.tree.map(lambda a: jnp.asarray(a.astype(np.float32, copy=False), dtype=dtype), params)
+                               ignored=k.ignored, finalize=to_device)
+    return config, params
 
 
 def save(folder: str | os.PathLike, kind: str, config: Any, params: Any, *, dtype: Any = None) -> Path:

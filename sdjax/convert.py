@@ -193,20 +193,38 @@ CLIP_IGNORED = (re.compile(r"^embeddings\.position_ids$"),)
 CLIP_PREFIXES = ("text_model.",)
 
 
-def strip_prefixes(state: Mapping[str, np.ndarray], prefixes: Iterable[str]) -> dict[str, np.ndarray]:
-    out = {}
-    for key, value in state.items():
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        out[key] = value
-    return out
+class Renamed(Mapping):
+    """A read-only view of a checkpoint mapping under other key names (tensors are not touched)."""
+
+    def __init__(self, state: Mapping[str, np.ndarray], names: dict[str, str]):
+        self._state, self._names = state, names  # new name -> name in `state`
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._state[self._names[key]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def strip_prefixes(state: Mapping[str, np.ndarray], prefixes: Iterable[str]) -> Mapping[str, np.ndarray]:
+    prefixes = tuple(prefixes)
+    names = {}
+    for key in state:
+        new = next((key[len(p):] for p in prefixes if key.startswith(p)), key)
+        names[new] = key
+    return Renamed(state, names)
 
 
 def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any, *, source: str = "checkpoint",
-              ignored: Iterable[re.Pattern] = (), dtype=None) -> dict:
-    """Checkpoint tensors -> params pytree shaped like `abstract` (from `jax.eval_shape(model.init, ...)`)."""
+              ignored: Iterable[re.Pattern] = (), dtype=None, finalize: Callable | None = None) -> dict:
+    """Checkpoint tensors -> params pytree shaped like `abstract` (from `jax.eval_shape(model.init, ...)`).
+
+    Tensors are looked up one at a time (`state` may read lazily, see `io.LazyTensors`) and passed through
+    `finalize` (e.g. to a device array) right away, so only one host copy is alive at once.
+    """
     expected = {path: leaf for path, leaf in traverse_util.flatten_dict(abstract).items()}
     covered = {r.path for r in rules}
     if covered != set(expected):
@@ -215,14 +233,15 @@ def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any,
         extra = sorted("/".join(p) for p in covered - set(expected))[:5]
         raise AssertionError(f"rule table out of step with the module: unruled {missing}, unknown {extra}")
 
-    remaining = dict(state)  # consumed as rules claim keys, so converted tensors can be freed early
+    remaining = set(state)
     flat, absent = {}, []
     for rule in rules:
         name = next((k for k in (rule.key, *rule.aliases) if k in remaining), None)
         if name is None:
             absent.append(rule.key)
             continue
-        tensor = np.asarray(remaining.pop(name))
+        remaining.discard(name)
+        tensor = np.asarray(state[name])
         transform = rule.transform
         if transform == "linear" and tensor.ndim == 4 and name in rule.aliases:
             transform = "conv1x1_linear"
@@ -232,7 +251,8 @@ def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any,
             raise CheckpointError(
                 f"{source}: '{name}' has shape {tuple(tensor.shape)}, but the config's architecture needs "
                 f"{_checkpoint_shape(rule, want)}")
-        flat[rule.path] = value if dtype is None else value.astype(dtype, copy=False)
+        value = value if dtype is None else value.astype(dtype, copy=False)
+        flat[rule.path] = value if finalize is None else finalize(value)
     leftover = sorted(k for k in remaining if not any(p.search(k) for p in ignored))
     if absent or leftover:
         parts = []

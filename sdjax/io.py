@@ -303,26 +303,46 @@ def _check_entry(path: pathlib.Path, key: str, entry: Any, data_size: int) -> No
                                f"its dtype {entry['dtype']} and shape {shape}.")
 
 
+class LazyTensors(Mapping):
+    """The tensors of one or several (shard) safetensors files, each read from disk when it is looked up.
+
+    Headers are read and validated up front (so a truncated file fails at once, naming it); a converter that
+    takes one tensor at a time and drops it never holds more than one tensor's host copy.
+    """
+
+    def __init__(self, paths: PathLike | Sequence[PathLike]):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self._index: dict[str, tuple[pathlib.Path, dict[str, Any], int]] = {}
+        for path in map(pathlib.Path, paths):
+            header, _, data_start = read_safetensors_header(path)
+            for key, entry in header.items():
+                if key in self._index:
+                    raise SafetensorsError(
+                        f"Tensor {key!r} is in both {str(self._index[key][0])!r} and {str(path)!r}.")
+                self._index[key] = (path, entry, data_start)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        path, entry, data_start = self._index[key]
+        with open(path, "rb") as f:
+            return _read_tensor(f, path, key, entry, data_start)
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
 def read_safetensors(paths: PathLike | Sequence[PathLike]) -> dict[str, np.ndarray]:
     """Reads the tensors of one or several (shard) safetensors files into numpy arrays.
 
     Each tensor is read straight into its own array (no whole-file buffer). BF16 comes back as
-    ``ml_dtypes.bfloat16``. A tensor name found in two files is an error.
+    ``ml_dtypes.bfloat16``. A tensor name found in two files is an error. `LazyTensors` reads on demand.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    tensors: dict[str, np.ndarray] = {}
-    origin: dict[str, pathlib.Path] = {}
-    for path in map(pathlib.Path, paths):
-        header, _, data_start = read_safetensors_header(path)
-        for key in header:
-            if key in origin:
-                raise SafetensorsError(f"Tensor {key!r} is in both {str(origin[key])!r} and {str(path)!r}.")
-            origin[key] = path
-        with open(path, "rb") as f:
-            for key, entry in sorted(header.items(), key=lambda item: int(item[1]["data_offsets"][0])):
-                tensors[key] = _read_tensor(f, path, key, entry, data_start)
-    return tensors
+    lazy = LazyTensors(paths)
+    by_offset = sorted(lazy._index.items(), key=lambda item: (str(item[1][0]), int(item[1][1]["data_offsets"][0])))
+    return {key: lazy[key] for key, _ in by_offset}
 
 
 def _read_tensor(f, path: pathlib.Path, key: str, entry: dict[str, Any], data_start: int) -> np.ndarray:

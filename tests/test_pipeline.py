@@ -16,6 +16,9 @@ TOL = 2e-3  # decoded pixels in [0, 1]
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "a watercolor painting of a fox in the snow"]
 NEGATIVE = ["blurry, low quality", "text, watermark"]
 
+# Always built from SD1.5's scheduler config: a config read back from a previous scheduler carries its
+# options along (e.g. use_karras_sigmas from DPM++ would silently turn Euler into Euler-Karras).
+SD15_TORCH_SCHEDULER_CONFIG = {k: v for k, v in sdp.SD15_SCHEDULER.items() if k != "_class_name"}
 TORCH_SCHEDULERS = {
     "pndm": lambda c: diffusers.PNDMScheduler.from_config(c),
     "ddim": lambda c: diffusers.DDIMScheduler.from_config(c),
@@ -28,6 +31,10 @@ TORCH_SCHEDULERS = {
 @pytest.fixture(scope="module")
 def pipe(tiny_sd_folder):
     return sdp.load_pipeline(tiny_sd_folder, compilation_cache="off")
+
+
+def torch_scheduler(name: str):
+    return TORCH_SCHEDULERS[name](SD15_TORCH_SCHEDULER_CONFIG)
 
 
 @contextlib.contextmanager
@@ -49,7 +56,7 @@ def count_compiles():
 @pytest.mark.parametrize("scheduler", list(TORCH_SCHEDULERS))
 def test_txt2img_matches_diffusers(scheduler, pipe, tiny_torch_pipe):
     torch_pipe = tiny_torch_pipe
-    torch_pipe.scheduler = TORCH_SCHEDULERS[scheduler](torch_pipe.scheduler.config)
+    torch_pipe.scheduler = torch_scheduler(scheduler)
     latents = np.random.default_rng(7).standard_normal((2, 8, 8, 4)).astype(np.float32)
     ours = {}
     for negative in (None, NEGATIVE):
@@ -67,7 +74,7 @@ def test_txt2img_matches_diffusers(scheduler, pipe, tiny_torch_pipe):
 
 
 def test_no_guidance_runs_conditional_only(pipe, tiny_torch_pipe):
-    tiny_torch_pipe.scheduler = TORCH_SCHEDULERS["ddim"](tiny_torch_pipe.scheduler.config)
+    tiny_torch_pipe.scheduler = torch_scheduler("ddim")
     latents = np.random.default_rng(8).standard_normal((1, 8, 8, 4)).astype(np.float32)
     got = pipe.txt2img(PROMPTS[:1], steps=5, guidance_scale=1.0, height=64, width=64, scheduler="ddim",
                        latents=latents, progress=False)

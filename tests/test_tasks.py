@@ -18,7 +18,7 @@ from PIL import Image
 from sdjax import pipeline as sdp
 from sdjax.unet import UNetConfig
 from tests import reference as ref
-from tests.test_pipeline import PROMPTS, TORCH_SCHEDULERS, count_compiles
+from tests.test_pipeline import PROMPTS, count_compiles, torch_scheduler
 
 TOL = 2e-3
 
@@ -71,7 +71,7 @@ def torch_img2img(tiny_torch_pipe):
 def test_img2img_matches_diffusers(scheduler, pipe, torch_img2img):
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
 
-    torch_img2img.scheduler = TORCH_SCHEDULERS[scheduler](torch_img2img.scheduler.config)
+    torch_img2img.scheduler = torch_scheduler(scheduler)
     torch_img2img.set_progress_bar_config(disable=True)
     images = [make_image(1), make_image(2)]
     outs = {}
@@ -108,7 +108,7 @@ def test_inpaint_dedicated_model_matches_diffusers(scheduler, strength, inpaint_
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
 
     ours, theirs = inpaint_pair
-    theirs.scheduler = TORCH_SCHEDULERS[scheduler](theirs.scheduler.config)
+    theirs.scheduler = torch_scheduler(scheduler)
     images = [make_image(3), make_image(4)]
     masks = [square_mask(), square_mask(lo=8, hi=40)]
     g, noise = torch_noise(7, 2)
