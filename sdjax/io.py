@@ -235,8 +235,8 @@ def _pickled_message(folder: pathlib.Path, stem: str, pickled: pathlib.Path) -> 
     return (
         f"{str(folder)!r} holds only pickled weights ({pickled.name}) and no {stem}.safetensors. "
         "sdjax never unpickles files: unpickling can run arbitrary code. Convert it once to safetensors, "
-        "e.g. with PyTorch: `import torch; from safetensors.torch import save_file; "
-        f"save_file(torch.load({str(pickled)!r}, map_location='cpu', weights_only=True), {str(target)!r})`, "
+        f"e.g. in a PyTorch session load {str(pickled)!r} with weights_only=True and write the state dict with "
+        f"safetensors.torch.save_file to {str(target)!r}, "
         "or load the model with diffusers/transformers and call "
         "`save_pretrained(folder, safe_serialization=True)`."
     )
