@@ -25,7 +25,6 @@ class Kind:
     module: type
     rules: Callable[[Any], list[convert.Rule]]
     dummy: Callable[[Any], tuple]  # smallest inputs that trace the module, for eval_shape
-    method: str | None = None
     prefixes: tuple[str, ...] = ()
     ignored: tuple = ()
 

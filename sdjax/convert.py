@@ -219,7 +219,7 @@ def strip_prefixes(state: Mapping[str, np.ndarray], prefixes: Iterable[str]) -> 
 
 
 def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any, *, source: str = "checkpoint",
-              ignored: Iterable[re.Pattern] = (), dtype=None, finalize: Callable | None = None) -> dict:
+              ignored: Iterable[re.Pattern] = (), finalize: Callable | None = None) -> dict:
     """Checkpoint tensors -> params pytree shaped like `abstract` (from `jax.eval_shape(model.init, ...)`).
 
     Tensors are looked up one at a time (`state` may read lazily, see `io.LazyTensors`) and passed through
@@ -251,7 +251,6 @@ def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any,
             raise CheckpointError(
                 f"{source}: '{name}' has shape {tuple(tensor.shape)}, but the config's architecture needs "
                 f"{_checkpoint_shape(rule, want)}")
-        value = value if dtype is None else value.astype(dtype, copy=False)
         flat[rule.path] = value if finalize is None else finalize(value)
     leftover = sorted(k for k in remaining if not any(p.search(k) for p in ignored))
     if absent or leftover:

@@ -250,7 +250,6 @@ class Attention(nn.Module):
 
     heads: int
     head_dim: int
-    qkv_bias: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -260,7 +259,7 @@ class Attention(nn.Module):
         inner = self.heads * self.head_dim
 
         def proj(name, y):
-            y = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(y)
+            y = nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)(y)
             return y.reshape(b, y.shape[1], self.heads, self.head_dim)  # [B, L, H, D]
 
         out = attention(proj("to_q", x), proj("to_k", context), proj("to_v", context))

@@ -140,12 +140,8 @@ class Pipeline:
         """Text to image. One image per prompt; `seeds` is one int per image (an int s gives s, s+1, ...;
         None draws random seeds, returned in the result). `latents` [B, h/8, w/8, 4] replaces the seeded
         starting noise (unscaled standard normal, like the reference's `latents=`)."""
-        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
-        latents = self._check_latents(latents, len(req.prompts), height, width)
-        schedule = self.schedule(req.scheduler, steps)
-        batch = self._text_batch(req)
-        if latents is not None:
-            batch["latents"] = latents
+        req, schedule, batch = self._request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width,
+                                             scheduler, latents)
         pixels, final = self._run("txt2img", _txt2img_job, schedule, batch, req, guidance_scale, first=0,
                                   progress=progress, height=height, width=width)
         return self._result(pixels, final, req, schedule, steps, guidance_scale, height, width)
@@ -204,16 +200,22 @@ class Pipeline:
         if isinstance(prompts, str):
             prompts = [prompts] * len(pixels)
         height, width = pixels.shape[1:3]
-        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
+        req, schedule, batch = self._request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width,
+                                             scheduler, latents)
         _check_count("images", len(pixels), len(req.prompts))
-        latents = self._check_latents(latents, len(req.prompts), height, width)
-        schedule = self.schedule(req.scheduler, steps)
         # First call index from strength on the host, in float64 exactly as the reference; traced in the loop.
         first = schedulers.first_call_index(schedule, strength) if int(steps * strength) > 0 else None
-        batch = {**self._text_batch(req), "pixels": pixels}
+        return req, schedule, first, {**batch, "pixels": pixels}
+
+    def _request(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
+                 latents):
+        """Validated request, its schedule, and the host batch every job starts from (ids, seeds, latents)."""
+        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
+        latents = self._check_latents(latents, len(req.prompts), height, width)
+        batch = self._text_batch(req)
         if latents is not None:
             batch["latents"] = latents
-        return req, schedule, first, batch
+        return req, self.schedule(req.scheduler, steps), batch
 
     def _validate(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler):
         return validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,

@@ -126,6 +126,13 @@ def denoise(models: Models, params: dict, schedule: schedulers.Schedule, x: jax.
     return x
 
 
+def _context(models: Models, params: dict, ids: jax.Array, neg_ids: jax.Array, use_cfg: bool) -> jax.Array:
+    context = encode_text(models, params, ids)
+    if use_cfg:
+        context = jnp.concatenate([encode_text(models, params, neg_ids), context])  # [2B, 77, D]
+    return context
+
+
 def txt2img(models: Models, params: dict, schedule: schedulers.Schedule, ids: jax.Array, neg_ids: jax.Array,
             seeds: jax.Array, guidance_scale: jax.Array, latents: jax.Array | None, *, height: int, width: int,
             use_cfg: bool, progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
@@ -134,9 +141,7 @@ def txt2img(models: Models, params: dict, schedule: schedulers.Schedule, ids: ja
     latents: optional [B, H/8, W/8, 4] unscaled standard-normal starting noise (as the reference's `latents=`),
     replacing the seeded draw.
     """
-    context = encode_text(models, params, ids)
-    if use_cfg:
-        context = jnp.concatenate([encode_text(models, params, neg_ids), context])  # [2B, 77, D]
+    context = _context(models, params, ids, neg_ids, use_cfg)
     keys = image_keys(seeds)
     shape = (height // models.vae_scale, width // models.vae_scale, models.latent_channels)
     if latents is None:
@@ -154,13 +159,6 @@ def encode_image(models: Models, params: dict, pixels: jax.Array) -> jax.Array:
     """
     mean, _ = models.vae.apply({"params": params["vae"]}, pixels * 2.0 - 1.0, method=VAE.encode)
     return from_vae_latents(models, mean.astype(jnp.float32))
-
-
-def _context(models: Models, params: dict, ids: jax.Array, neg_ids: jax.Array, use_cfg: bool) -> jax.Array:
-    context = encode_text(models, params, ids)
-    if use_cfg:
-        context = jnp.concatenate([encode_text(models, params, neg_ids), context])  # [2B, 77, D]
-    return context
 
 
 def img2img(models: Models, params: dict, schedule: schedulers.Schedule, ids, neg_ids, seeds, guidance_scale,
