@@ -142,11 +142,14 @@ class SdjaxWorker:
             "vae": (jnp.asarray(rng.standard_normal((b, h, w, m.latent_channels)), jnp.float32),),
         }
 
-    def _make_fns(self):
-        """Fresh jitted functions (new lambdas, so nothing is reused from an earlier trace)."""
+    def _make_fns(self, attention=None):
+        """Fresh jitted functions (new lambdas, so nothing is reused from an earlier trace); `attention`
+        overrides the attention implementation of every layer."""
         from sdjax import sampling
 
         jax, m = self.jax, self.pipe.models
+        if attention is not None:
+            m = m.for_mesh(self.pipe.mesh, attention)
         return {
             "clip": jax.jit(lambda p, ids: sampling.encode_text(m, p, ids)),
             "unet": jax.jit(lambda p, x, t, c: m.unet.apply({"params": p["unet"]}, x, t, c)),
@@ -197,22 +200,14 @@ class SdjaxWorker:
 
         if not hasattr(self, "fns"):
             self._micro_inputs()
-        a, m = self.a, self.pipe.models
+        a = self.a
         ids = jnp.asarray(self.pipe.tokenizer([PROMPT] * 2 * a.batch))
-        prev = os.environ.get("SDJAX_ATTENTION")
-        os.environ["SDJAX_ATTENTION"] = "xla"
-        try:
-            out = {}
-            fns = self._make_fns()
-            for part, args in (("clip", (ids,)), ("unet", self.args["unet"]), ("vae", self.args["vae"])):
-                cost = fns[part].lower(self.params, *args).cost_analysis()
-                cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-                out[part] = float(cost.get("flops", 0.0))
-        finally:
-            if prev is None:
-                os.environ.pop("SDJAX_ATTENTION", None)
-            else:
-                os.environ["SDJAX_ATTENTION"] = prev
+        out = {}
+        fns = self._make_fns(attention="xla")
+        for part, args in (("clip", (ids,)), ("unet", self.args["unet"]), ("vae", self.args["vae"])):
+            cost = fns[part].lower(self.params, *args).cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            out[part] = float(cost.get("flops", 0.0))
         calls = _unet_calls(a.scheduler or "pndm", a.steps)
         per_image = (out["clip"] + calls * out["unet"] + out["vae"]) / a.batch
         return {"flops_components": out, "unet_calls": calls, "flops_per_image": per_image}

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sdjax import convert, images, pipeline, pngmeta
+from sdjax.layers import IMPLEMENTATIONS
 from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED
 from sdjax.schedulers import SCHEDULER_NAMES
 
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sdjax import train  # the training subcommand's flags live beside the training code
 
     train.add_train_lora_parser(sub)
+    add_compile_check(sub)
     return parser
 
 
@@ -216,6 +218,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdjax: interrupted", file=sys.stderr)
         return 130
+
+
+def add_compile_check(sub: argparse._SubParsersAction) -> None:
+    from sdjax import compile_check, targets
+
+    p = sub.add_parser("compile-check", help="compile a job for a TPU/GPU target without the hardware",
+                       description="Compiles a job's jitted function for compile-only TPU/GPU devices from parameter "
+                                   "shapes alone (no weights) and prints the compile time, per-device memory against "
+                                   "the chip's, whether it fits, the attention kernel of each layer and XLA's FLOPs. "
+                                   "Exit status 1 when it does not compile or does not fit.")
+    p.add_argument("--target", action="append", default=None, choices=targets.names(), metavar="TARGET",
+                   help="repeatable; one of: " + ", ".join(targets.names()) + " (default: tpu:v5e-8)")
+    p.add_argument("--job", action="append", default=None, choices=compile_check.JOBS,
+                   help="repeatable; one of: " + ", ".join(compile_check.JOBS) + " (default: txt2img)")
+    p.add_argument("--model", default="sd15", metavar="NAME_OR_FOLDER",
+                   help=f"one of {', '.join(compile_check.MODELS)} or a diffusers folder with the config files "
+                        "(default: %(default)s; inpaint uses sd15-inpaint unless a folder is given)")
+    p.add_argument("--size", default=512, type=_int_at_least(64, 4096), help="image size (default: %(default)s)")
+    p.add_argument("--batch", default=None, type=_int_at_least(1, 4096),
+                   help="images (train-lora: examples) per call over all devices (default: one per device)")
+    p.add_argument("--dtype", default="bfloat16", choices=tuple(convert.DTYPES), help="(default: %(default)s)")
+    p.add_argument("--steps", default=50, type=_int_at_least(1, 10000), help="sampling steps (default: %(default)s)")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="sampler (default: the model's)")
+    p.add_argument("--attention", default=None, choices=IMPLEMENTATIONS,
+                   help="one attention implementation for every layer (default: chosen per layer)")
+    p.add_argument("--lora-rank", default=8, type=_int_at_least(1, 1024), help="train-lora's rank (default: 8)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the reports as JSON")
+    p.set_defaults(run=run_compile_check, parser=p)
+
+
+def run_compile_check(args: argparse.Namespace) -> int:
+    """`sdjax compile-check`: one report per (target, job); exit 1 if any fails to compile or to fit."""
+    import jax
+
+    # Only the host backend is needed (the targets' devices are compile-only); an attached accelerator is unused.
+    jax.config.update("jax_platforms", "cpu")
+    # libtpu takes a machine-wide lock unless told otherwise; compile-only devices need no exclusive chip.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from sdjax import compile_check
+
+    if args.size % 64:
+        raise UsageError(f"--size must be a multiple of 64, got {args.size}")
+    reports, status = [], 0
+    for target in args.target or ["tpu:v5e-8"]:
+        for job in args.job or ["txt2img"]:
+            model = "sd15-inpaint" if job == "inpaint" and args.model == "sd15" else args.model
+            try:
+                report = compile_check.compile_check(job, target, model=model, size=args.size, batch=args.batch,
+                                                     dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
+                                                     attention=args.attention, lora_rank=args.lora_rank)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+            except Exception as err:  # noqa: BLE001 -- XLA's compile errors come as several types; report each
+                print(f"== {job} on {target}: DOES NOT COMPILE\n{type(err).__name__}: {err}", flush=True)
+                status = 1
+                continue
+            print(f"== {report.format()}\n", flush=True)
+            reports.append(report)
+            status = status or (0 if report.fits else 1)
+    if args.json:
+        compile_check.write_json(reports, args.json)
+    return status
 
 
 def _exit_code(exit_: SystemExit) -> int:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sdjax import configs
-from sdjax.layers import attention, layer_norm
+from sdjax.layers import AttentionConfig, attention, layer_norm
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -100,6 +100,7 @@ class TextOutput(NamedTuple):
 class SelfAttention(nn.Module):
     heads: int
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -108,18 +109,21 @@ class SelfAttention(nn.Module):
         def proj(name):
             return nn.Dense(c, dtype=self.dtype, name=name)(x).reshape(b, l, self.heads, c // self.heads)
 
-        out = attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), causal=True).reshape(b, l, c)
+        out = attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), causal=True, config=self.attention,
+                        layer="/".join(self.path)).reshape(b, l, c)
         return nn.Dense(c, dtype=self.dtype, name="out_proj")(out)
 
 
 class EncoderLayer(nn.Module):
     config: CLIPConfig
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, d = self.config, self.dtype
-        x = x + SelfAttention(cfg.num_heads, dtype=d, name="self_attn")(layer_norm(cfg.layer_norm_eps, "layer_norm1", d)(x))
+        attn = SelfAttention(cfg.num_heads, d, self.attention, name="self_attn")
+        x = x + attn(layer_norm(cfg.layer_norm_eps, "layer_norm1", d)(x))
         h = layer_norm(cfg.layer_norm_eps, "layer_norm2", d)(x)
         h = ACTIVATIONS[cfg.hidden_act](nn.Dense(cfg.intermediate_size, dtype=d, name="mlp_fc1")(h))
         return x + nn.Dense(cfg.hidden_size, dtype=d, name="mlp_fc2")(h)
@@ -130,12 +134,13 @@ class TextEncoder(nn.Module):
 
     config: CLIPConfig
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     def setup(self):
         cfg, d = self.config, self.dtype
         self.token_embedding = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=d, name="token_embedding")
         self.position_embedding = nn.Embed(cfg.max_positions, cfg.hidden_size, dtype=d, name="position_embedding")
-        self.layers = [EncoderLayer(cfg, dtype=d, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.layers = [EncoderLayer(cfg, d, self.attention, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.final_layer_norm = layer_norm(cfg.layer_norm_eps, "final_layer_norm", d)
 
     def __call__(self, ids: jax.Array) -> TextOutput:

@@ -6,7 +6,9 @@ as `_N` (e.g. `to_out.0` -> `to_out_0`), so `convert.py` can state its rule tabl
 
 from __future__ import annotations
 
-import os
+import contextlib
+import contextvars
+import dataclasses
 from typing import Any
 
 import jax
@@ -14,11 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
 
 Dtype = Any
 
 
 IMPLEMENTATIONS = ("xla", "blocked", "cudnn", "pallas_tpu")
+PLATFORMS = ("cpu", "gpu", "tpu")
 
 # Blocked attention: keys per block of the online softmax, and the most bytes of float32 scores one step of it
 # may hold (queries are chunked beyond that, so memory stays flat in batch size and image size).
@@ -26,60 +30,144 @@ KEY_BLOCK = 512
 SCORE_BUDGET_BYTES = 256 << 20
 # Below this many keys the plain XLA form (one score matrix) is as fast and has nothing to win by blocking.
 BLOCKED_MIN_KEYS = 1024
+# The Pallas TPU flash-attention kernel tiles sequences by 128 and takes head_dim <= 128 or a multiple of 128.
+PALLAS_TILE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Which attention kernel each layer runs, decided from the devices the program is compiled for.
+
+    Resolved once at the edge (`for_mesh`, when a pipeline or a train step is built) and carried by the models
+    as a field, so tracing reads nothing from the environment or `jax.default_backend()`: compiling for
+    compile-only TPU/GPU devices from a CPU host picks the target's kernels, and jit's cache sees every input.
+
+    platform: "cpu", "gpu" or "tpu" (of the target devices).
+    implementation: one of IMPLEMENTATIONS for every layer (an override), or None to choose per layer (`choose`).
+    mesh, axis: the data-parallel mesh and its batch axis. A kernel XLA cannot partition (Pallas/Mosaic) runs
+        per shard under `shard_map` over that axis; None runs it unpartitioned (one device).
+    """
+
+    platform: str = "cpu"
+    implementation: str | None = None
+    mesh: Mesh | None = None
+    axis: str = "data"
+
+    def __post_init__(self):
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"attention platform {self.platform!r} is not one of {PLATFORMS}")
+        if self.implementation is not None and self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation {self.implementation!r} is not one of "
+                             f"{', '.join(IMPLEMENTATIONS)} (or None: chosen per layer for the devices)")
+
+    @classmethod
+    def for_mesh(cls, mesh: Mesh, implementation: str | None = None, axis: str = "data") -> AttentionConfig:
+        """The config for programs running on `mesh` (its devices' platform; compile-only devices included)."""
+        platform = mesh.devices.flat[0].platform
+        platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+        return cls(platform if platform in PLATFORMS else "cpu", implementation, mesh, axis)
+
+    def choose(self, q_shape: tuple[int, ...], k_shape: tuple[int, ...], dtype: Any) -> str:
+        """The implementation a layer with q [B, Lq, H, D], k [B, Lk, H, D] of `dtype` runs (a pure function
+        of this config and the shapes)."""
+        b, lq, _, d = q_shape
+        lk = k_shape[1]
+        long = lk >= BLOCKED_MIN_KEYS
+        impl = self.implementation
+        if impl is None:
+            if self.platform == "gpu":
+                # cuDNN's fused flash attention: half precision, head_dim a multiple of 8 up to 128 (SD: 40..160).
+                ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
+                impl = "cudnn" if ok else ("blocked" if long else "xla")
+            elif self.platform == "tpu":
+                impl = "pallas_tpu" if long else "xla"
+            else:
+                impl = "blocked" if long else "xla"
+        if impl == "pallas_tpu" and (lq % PALLAS_TILE or lk % PALLAS_TILE or b % self._shards()):
+            impl = "blocked"  # lengths the kernel cannot tile, or a batch that does not split over the mesh
+        return impl
+
+    def _shards(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape[self.axis]
+
+
+# While `record_attention()` is active, each traced attention call appends what it chose (for reports such as
+# `sdjax compile-check`); nothing reads it back into the computation.
+_RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("sdjax_attention_record", default=None)
+
+
+@contextlib.contextmanager
+def record_attention():
+    """Collects {"layer", "implementation", "q", "k", "causal"} for every attention traced inside the block."""
+    log: list[dict[str, Any]] = []
+    token = _RECORD.set(log)
+    try:
+        yield log
+    finally:
+        _RECORD.reset(token)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-              implementation: str | None = None) -> jax.Array:
+              config: AttentionConfig = AttentionConfig(), implementation: str | None = None,
+              layer: str = "") -> jax.Array:
     """Scaled dot-product attention; every attention in sdjax goes through here.
 
     q: [B, Lq, H, D], k and v: [B, Lk, H, D] -> [B, Lq, H, D]. Scores and softmax are computed in float32
     whatever the input dtype (what the reference's upcast paths do); the result has q's dtype. `causal` masks
     key j > query i (top-left aligned, as CLIP's mask).
 
-    implementation: None picks one for the backend and shapes (`default_implementation`); or
+    config: the target's choice (`AttentionConfig.choose`); `implementation` overrides it for this call:
       "xla": one [B, H, Lq, Lk] score matrix (the plain form; the reference the others are tested against),
       "blocked": flash-attention style online softmax over key blocks (`lax.scan`), queries chunked so the
           live scores stay under SCORE_BUDGET_BYTES: memory O(Lq * KEY_BLOCK), not O(Lq * Lk),
       "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, float16/bfloat16),
-      "pallas_tpu": the Pallas TPU flash-attention kernel (lengths multiple of 128; else "blocked").
+      "pallas_tpu": the Pallas TPU flash-attention kernel, per shard of config.mesh (lengths multiple of 128,
+          else "blocked"; head_dim > 128 zero-padded to a multiple of 128).
+    layer: the calling module's path, for `record_attention`.
     """
-    impl = implementation or default_implementation(q, k)
-    if impl == "xla":
-        return _attention_xla(q, k, v, causal)
-    if impl == "blocked":
-        return _attention_blocked(q, k, v, causal)
+    if implementation is not None:
+        config = dataclasses.replace(config, implementation=implementation)
+    impl = config.choose(q.shape, k.shape, q.dtype)
     if impl == "cudnn":
         try:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError):
             # a shape/dtype/version this cuDNN build does not take (checked while tracing): the portable path
-            return _attention_blocked(q, k, v, causal) if k.shape[1] >= BLOCKED_MIN_KEYS else \
-                _attention_xla(q, k, v, causal)
-    if impl == "pallas_tpu":
-        if q.shape[1] % 128 or k.shape[1] % 128:
-            return _attention_blocked(q, k, v, causal)
-        from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+            impl = "blocked" if k.shape[1] >= BLOCKED_MIN_KEYS else "xla"
+    if impl == "xla":
+        out = _attention_xla(q, k, v, causal)
+    elif impl == "blocked":
+        out = _attention_blocked(q, k, v, causal)
+    elif impl == "pallas_tpu":
+        out = _attention_pallas_tpu(q, k, v, causal, config)
+    log = _RECORD.get()
+    if log is not None:
+        log.append({"layer": layer, "implementation": impl, "q": list(q.shape), "k": list(k.shape),
+                    "causal": causal})
+    return out
 
-        out = tpu_flash.flash_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), causal=causal,
-                                        sm_scale=float(1.0 / np.sqrt(q.shape[-1])))
-        return out.transpose(0, 2, 1, 3).astype(q.dtype)
-    raise ValueError(f"attention implementation {impl!r} is not one of {IMPLEMENTATIONS}")
 
+def _attention_pallas_tpu(q, k, v, causal, config: AttentionConfig):
+    """The Pallas TPU flash-attention kernel. A Mosaic kernel cannot be partitioned by XLA, so on a mesh it runs
+    per batch shard (`shard_map` over config.axis; attention is independent per example). head_dim above 128
+    that is not a multiple of 128 (SD's 160 in the 1280-channel blocks) is zero-padded: zero columns add
+    nothing to q.k and give zero output columns, sliced off, with the scale of the true head_dim."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
-def default_implementation(q: jax.Array, k: jax.Array) -> str:
-    """The attention kernel for this backend and shape ($SDJAX_ATTENTION overrides it: one of IMPLEMENTATIONS)."""
-    forced = os.environ.get("SDJAX_ATTENTION")
-    if forced:
-        return forced
-    backend = jax.default_backend()
-    long = k.shape[1] >= BLOCKED_MIN_KEYS
-    if backend == "gpu":
-        # cuDNN's fused flash attention: half precision, head_dim a multiple of 8 up to 128 (SD: 40..160).
-        ok = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
-        return "cudnn" if ok else ("blocked" if long else "xla")
-    if backend == "tpu":
-        return "pallas_tpu" if long else "xla"
-    return "blocked" if long else "xla"
+    d = q.shape[-1]
+    pad = (-d) % PALLAS_TILE if d > PALLAS_TILE else 0
+    scale = float(1.0 / np.sqrt(d))
+
+    def kernel(q, k, v):  # [b, L, H, D] per shard
+        qt, kt, vt = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))).transpose(0, 2, 1, 3) for x in (q, k, v))
+        out = tpu_flash.flash_attention(qt, kt, vt, causal=causal, sm_scale=scale)  # [b, H, Lq, D + pad]
+        return out.transpose(0, 2, 1, 3)[..., :d].astype(q.dtype)
+
+    if config.mesh is None:
+        return kernel(q, k, v)
+    spec = P(config.axis)
+    return jax.shard_map(kernel, mesh=config.mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q, k, v)
 
 
 def _attention_xla(q, k, v, causal):
@@ -251,6 +339,7 @@ class Attention(nn.Module):
     heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -262,7 +351,8 @@ class Attention(nn.Module):
             y = nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)(y)
             return y.reshape(b, y.shape[1], self.heads, self.head_dim)  # [B, L, H, D]
 
-        out = attention(proj("to_q", x), proj("to_k", context), proj("to_v", context))
+        out = attention(proj("to_q", x), proj("to_k", context), proj("to_v", context), config=self.attention,
+                        layer="/".join(self.path))
         out = out.reshape(b, lq, inner)
         return nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
 
@@ -294,13 +384,14 @@ class TransformerBlock(nn.Module):
     heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        d = self.dtype
-        x = x + Attention(self.heads, self.head_dim, dtype=d, name="attn1")(layer_norm(1e-5, "norm1", d)(x))
-        x = x + Attention(self.heads, self.head_dim, dtype=d, name="attn2")(layer_norm(1e-5, "norm2", d)(x), context)
+        d, a = self.dtype, self.attention
+        x = x + Attention(self.heads, self.head_dim, d, a, name="attn1")(layer_norm(1e-5, "norm1", d)(x))
+        x = x + Attention(self.heads, self.head_dim, d, a, name="attn2")(layer_norm(1e-5, "norm2", d)(x), context)
         return x + FeedForward(dim, dtype=d, name="ff")(layer_norm(1e-5, "norm3", d)(x))
 
 
@@ -313,6 +404,7 @@ class SpatialTransformer(nn.Module):
     groups: int
     linear_projection: bool
     dtype: Dtype = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -325,7 +417,8 @@ class SpatialTransformer(nn.Module):
         else:
             y = conv(inner, 1, "proj_in", d)(y).reshape(b, h * w, inner)
         for i in range(self.num_layers):
-            y = TransformerBlock(self.heads, self.head_dim, dtype=d, name=f"transformer_blocks_{i}")(y, context)
+            block = TransformerBlock(self.heads, self.head_dim, d, self.attention, name=f"transformer_blocks_{i}")
+            y = block(y, context)
         if self.linear_projection:
             y = nn.Dense(c, dtype=d, name="proj_out")(y).reshape(b, h, w, c)
         else:

@@ -18,6 +18,7 @@ from PIL import Image
 from sdjax import checkpoint, convert, io, parallel, sampling, schedulers
 from sdjax import images as sdimages
 from sdjax.clip import TextEncoder
+from sdjax.layers import IMPLEMENTATIONS
 from sdjax.unet import UNet
 from sdjax.vae import VAE
 
@@ -92,9 +93,10 @@ class Pipeline:
     """Stable Diffusion over every device: `txt2img` (and the tasks built on the same loop)."""
 
     def __init__(self, models: sampling.Models, params: dict, tokenizer: io.ClipTokenizer,
-                 scheduler_config: dict, *, mesh=None, source: str = ""):
-        self.models = models
+                 scheduler_config: dict, *, mesh=None, source: str = "", attention: str | None = None):
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
+        # Attention kernels chosen once, here, for the mesh's devices (`attention` overrides for every layer).
+        self.models = models.for_mesh(self.mesh, attention)
         self.params = parallel.put_replicated(params, self.mesh)
         self.base_params = self.params  # without LoRAs; `set_loras` merges into a copy of these
         self.tokenizer = tokenizer
@@ -111,11 +113,10 @@ class Pipeline:
     def num_devices(self) -> int:
         return self.mesh.devices.size
 
-    def _jitted(self, job: str, fn, static: tuple[str, ...]):
+    def _jitted(self, job: str):
         """One jitted function per job; jax caches its compilations per shape and static argument."""
         if job not in self._compiled:
-            self._compiled[job] = jax.jit(functools.partial(fn, self.models), static_argnames=static,
-                                          out_shardings=parallel.batch_sharded(self.mesh))
+            self._compiled[job] = jit_job(self.models, self.mesh, job)
         return self._compiled[job]
 
     def set_loras(self, loras: Sequence[str | tuple[str | os.PathLike, float]]) -> Pipeline:
@@ -142,7 +143,7 @@ class Pipeline:
         starting noise (unscaled standard normal, like the reference's `latents=`)."""
         req, schedule, batch = self._request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width,
                                              scheduler, latents)
-        pixels, final = self._run("txt2img", _txt2img_job, schedule, batch, req, guidance_scale, first=0,
+        pixels, final = self._run("txt2img", schedule, batch, req, guidance_scale, first=0,
                                   progress=progress, height=height, width=width)
         return self._result(pixels, final, req, schedule, steps, guidance_scale, height, width)
 
@@ -162,7 +163,7 @@ class Pipeline:
         req, schedule, first, batch = job
         if first is None:  # strength 0 (or too small for one step): nothing to denoise
             return self._unchanged(pixels, req, schedule, steps, guidance_scale, strength)
-        out, final = self._run("img2img", _img2img_job, schedule, batch, req, guidance_scale, first=first,
+        out, final = self._run("img2img", schedule, batch, req, guidance_scale, first=first,
                                progress=progress)
         return self._result(out, final, req, schedule, steps, guidance_scale, height, width, strength=strength)
 
@@ -189,7 +190,7 @@ class Pipeline:
         if first is None:
             return self._unchanged(pixels, req, schedule, steps, guidance_scale, strength)
         batch["masks"] = mask_arr
-        out, final = self._run("inpaint", _inpaint_job, schedule, batch, req, guidance_scale, first=first,
+        out, final = self._run("inpaint", schedule, batch, req, guidance_scale, first=first,
                                progress=progress, dedicated=dedicated, paste_back=bool(paste_back))
         return self._result(out, final, req, schedule, steps, guidance_scale, height, width, strength=strength,
                             paste_back=bool(paste_back))
@@ -236,14 +237,14 @@ class Pipeline:
         return {"ids": self.tokenizer(req.prompts), "neg_ids": self.tokenizer(req.negative_prompts),
                 "seeds": np.asarray(req.seeds, np.uint32)}
 
-    def _run(self, job: str, fn, schedule, batch: dict, req: Request, guidance_scale: float, *, first: int,
+    def _run(self, job: str, schedule, batch: dict, req: Request, guidance_scale: float, *, first: int,
              progress: bool | None, **static):
         """Pads and shards the batch, runs the job's jitted function, returns host arrays trimmed to the batch."""
         b = len(req.prompts)
         size = parallel.padded_size(b, self.mesh)
         batch = parallel.put_batch({k: parallel.pad_batch(v, size) for k, v in batch.items()}, self.mesh)
         show = _want_progress(progress)
-        jitted = self._jitted(job, fn, ("use_cfg", "progress", *static))
+        jitted = self._jitted(job)
         with _progress_bar(self._progress, schedule.num_calls, first, show):
             out, final = jitted(self.params, parallel.put_replicated(schedule, self.mesh), batch,
                                 jnp.float32(guidance_scale), jnp.int32(first), use_cfg=guidance_scale > 1.0,
@@ -279,6 +280,18 @@ def _inpaint_job(models, params, schedule, batch, guidance_scale, first, *, use_
     return sampling.inpaint(models, params, schedule, batch["ids"], batch["neg_ids"], batch["seeds"],
                             guidance_scale, batch["pixels"], batch["masks"], first, batch.get("latents"),
                             use_cfg=use_cfg, dedicated=dedicated, paste_back=paste_back, progress=progress)
+
+
+JOBS = {"txt2img": _txt2img_job, "img2img": _img2img_job, "inpaint": _inpaint_job}
+JOB_STATIC = {"txt2img": ("height", "width"), "img2img": (), "inpaint": ("dedicated", "paste_back")}
+
+
+def jit_job(models: sampling.Models, mesh, job: str):
+    """The jitted function of a generation job (one of JOBS), as the pipeline runs it and `compile_check`
+    compiles it: (params, schedule, batch, guidance_scale, first, *, use_cfg, progress, **JOB_STATIC[job]) ->
+    (pixels, final latents), both sharded over the mesh's batch axis."""
+    return jax.jit(functools.partial(JOBS[job], models), static_argnames=("use_cfg", "progress", *JOB_STATIC[job]),
+                   out_shardings=parallel.batch_sharded(mesh))
 
 
 def _check_strength(strength) -> float:
@@ -374,9 +387,15 @@ class _progress_bar:
 
 def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = "float32",
                   variant: str | None = None, devices: Sequence[jax.Device] | None = None,
-                  compilation_cache: str | os.PathLike | None = None) -> Pipeline:
-    """A diffusers-format folder or hub id -> Pipeline with params of `dtype` replicated on every device."""
+                  compilation_cache: str | os.PathLike | None = None, attention: str | None = None) -> Pipeline:
+    """A diffusers-format folder or hub id -> Pipeline with params of `dtype` replicated on every device.
+
+    attention: one of `layers.IMPLEMENTATIONS` for every attention layer; None chooses per layer for the
+    devices' platform (`layers.AttentionConfig`)."""
     dtype = convert.parse_dtype(dtype)
+    if attention is not None and attention not in IMPLEMENTATIONS:
+        raise ValueError(f"attention={attention!r} is not one of {', '.join(IMPLEMENTATIONS)} (or None: chosen "
+                         "per layer for the devices)")
     folder = io.resolve_model(path_or_id, variant=variant)
     enable_compilation_cache(compilation_cache)
     cfgs, params = {}, {}
@@ -387,4 +406,5 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     models = sampling.Models(TextEncoder(cfgs["text_encoder"], dtype=dtype), UNet(cfgs["unet"], dtype=dtype),
                              VAE(cfgs["vae"], dtype=dtype))
     mesh = parallel.make_mesh(devices)
-    return Pipeline(models, params, io.load_tokenizer(folder), sched, mesh=mesh, source=str(path_or_id))
+    return Pipeline(models, params, io.load_tokenizer(folder), sched, mesh=mesh, source=str(path_or_id),
+                    attention=attention)

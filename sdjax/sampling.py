@@ -17,9 +17,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh
 
 from sdjax import schedulers
 from sdjax.clip import TextEncoder
+from sdjax.layers import AttentionConfig
 from sdjax.unet import UNet
 from sdjax.vae import VAE
 
@@ -41,6 +43,17 @@ class Models:
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def for_mesh(self, mesh: Mesh, implementation: str | None = None) -> Models:
+        """The models with attention kernels chosen for `mesh`'s devices (`layers.AttentionConfig.for_mesh`);
+        implementation overrides the choice for every layer (None keeps the models' own override, if any)."""
+        implementation = implementation or self.unet.attention.implementation
+        config = AttentionConfig.for_mesh(mesh, implementation)
+        return Models(*(m.clone(attention=config) for m in (self.text_encoder, self.unet, self.vae)))
+
+    def astype(self, dtype: Any) -> Models:
+        """The same models computing in `dtype` (params are cast separately)."""
+        return Models(*(m.clone(dtype=dtype) for m in (self.text_encoder, self.unet, self.vae)))
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -86,15 +99,19 @@ def decode(models: Models, params: dict, z: jax.Array) -> jax.Array:
 
 def guided_eps(models: Models, params: dict, x: jax.Array, t: jax.Array, context: jax.Array,
                guidance_scale: jax.Array, use_cfg: bool, extra: jax.Array | None = None) -> jax.Array:
-    """The UNet's prediction at x [B, h, w, C]; with CFG one call on the [uncond, cond] batch (context [2B, L, D]).
+    """The UNet's prediction at x [B, h, w, C]; with CFG one call on the interleaved [uncond, cond] batch
+    (context [2B, L, D], from `_context`).
 
     `extra` [B, h, w, E] is concatenated to the UNet input after x (the inpainting model's mask and image).
     """
     inp = x if extra is None else jnp.concatenate([x, extra.astype(x.dtype)], axis=-1)
     if not use_cfg:
         return models.unet.apply({"params": params["unet"]}, inp, t, context).astype(jnp.float32)
-    out = models.unet.apply({"params": params["unet"]}, jnp.concatenate([inp, inp]), t, context)
-    uncond, cond = jnp.split(out.astype(jnp.float32), 2)
+    # Rows interleaved [uncond_0, cond_0, uncond_1, ...] (as `_context` builds the context): each device's
+    # shard of the CFG batch holds both halves of its own images, so nothing moves between devices.
+    out = models.unet.apply({"params": params["unet"]}, jnp.repeat(inp, 2, axis=0), t, context)  # [2B, h, w, C]
+    out = out.astype(jnp.float32).reshape(x.shape[0], 2, *out.shape[1:])
+    uncond, cond = out[:, 0], out[:, 1]
     return uncond + guidance_scale * (cond - uncond)
 
 
@@ -127,10 +144,12 @@ def denoise(models: Models, params: dict, schedule: schedulers.Schedule, x: jax.
 
 
 def _context(models: Models, params: dict, ids: jax.Array, neg_ids: jax.Array, use_cfg: bool) -> jax.Array:
-    context = encode_text(models, params, ids)
-    if use_cfg:
-        context = jnp.concatenate([encode_text(models, params, neg_ids), context])  # [2B, 77, D]
-    return context
+    if not use_cfg:
+        return encode_text(models, params, ids)  # [B, 77, D]
+    # One text-encoder call on [uncond_0, cond_0, uncond_1, cond_1, ...] (the order `guided_eps` expects): one
+    # copy of CLIP in the compiled program instead of two.
+    both = jnp.stack([neg_ids, ids], axis=1).reshape(-1, ids.shape[1])  # [2B, 77]
+    return encode_text(models, params, both)  # [2B, 77, D]
 
 
 def txt2img(models: Models, params: dict, schedule: schedulers.Schedule, ids: jax.Array, neg_ids: jax.Array,
@@ -195,16 +214,21 @@ def inpaint(models: Models, params: dict, schedule: schedulers.Schedule, ids, ne
     keys = image_keys(seeds)
     s = models.vae_scale
     b, h, w = masks.shape
-    x0 = encode_image(models, params, pixels)
-    noise = normal_per_image(keys, NOISE_INIT, x0.shape[1:]) if latents is None else latents
-    x = jnp.where(first == 0, noise * schedulers.init_noise_sigma(schedule),
-                  schedulers.add_noise(schedule, x0, noise, first))
     extra, after_step = None, None
     if dedicated:
         binary = (masks >= 0.5).astype(jnp.float32)  # [B, H, W]
         masked = pixels * (1.0 - binary)[..., None] + 0.5 * binary[..., None]  # repainted area -> 0 in [-1, 1]
-        extra = jnp.concatenate([binary[:, ::s, ::s, None], encode_image(models, params, masked)], axis=-1)
+        # One VAE-encoder call on [image_0, masked_0, image_1, ...] (one encoder in the program, not two).
+        both = encode_image(models, params, jnp.stack([pixels, masked], axis=1).reshape(-1, *pixels.shape[1:]))
+        both = both.reshape(b, 2, *both.shape[1:])  # [B, 2, h, w, 4]
+        x0 = both[:, 0]
+        extra = jnp.concatenate([binary[:, ::s, ::s, None], both[:, 1]], axis=-1)
     else:
+        x0 = encode_image(models, params, pixels)
+    noise = normal_per_image(keys, NOISE_INIT, x0.shape[1:]) if latents is None else latents
+    x = jnp.where(first == 0, noise * schedulers.init_noise_sigma(schedule),
+                  schedulers.add_noise(schedule, x0, noise, first))
+    if not dedicated:
         keep = 1.0 - masks.reshape(b, h // s, s, w // s, s).mean(axis=(2, 4))[..., None]  # [B, h, w, 1]
         last = schedule.num_calls - 1
 

@@ -266,6 +266,7 @@ def make_train_step(models: sampling.Models, cfg: TrainConfig, optimizer: optax.
     The batch is sharded over the mesh's "data" axis, everything else replicated; lora and opt_state buffers
     are donated; base_params are only read. metrics: {"loss", "grad_norm"} (before clipping).
     """
+    models = models.for_mesh(mesh)  # attention kernels for the mesh's devices (keeps an explicit override)
     prediction_type = cfg.prediction_type or scheduler_config.prediction_type
     alphas_cumprod = jnp.asarray(schedulers.alphas_cumprod(scheduler_config), jnp.float32)
 
@@ -423,8 +424,7 @@ def _in_dtype(pipe, dtype: Any):
                                                if jnp.issubdtype(a.dtype, jnp.floating)):
         return pipe
     view = copy.copy(pipe)
-    view.models = sampling.Models(*(m.clone(dtype=dtype) for m in (pipe.models.text_encoder, pipe.models.unet,
-                                                                   pipe.models.vae)))
+    view.models = pipe.models.astype(dtype)
     view.params = cast_params(pipe.params, dtype)
     view.dtype = dtype
     view._compiled = {}

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sdjax import configs
-from sdjax.layers import Downsample, ResnetBlock, SpatialTransformer, Upsample, conv, group_norm
+from sdjax.layers import (AttentionConfig, Downsample, ResnetBlock, SpatialTransformer, Upsample, conv,
+                          group_norm)
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -176,6 +177,7 @@ class DownBlock(nn.Module):
     transformer_layers: int
     config: UNetConfig
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, h, temb, context):
@@ -185,7 +187,7 @@ class DownBlock(nn.Module):
             h = ResnetBlock(self.channels, cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype,
                             name=f"resnets_{j}")(h, temb)
             if self.with_attention:
-                h = _transformer(cfg, self.channels, self.heads, self.transformer_layers, self.dtype,
+                h = _transformer(cfg, self.channels, self.heads, self.transformer_layers, self.dtype, self.attention,
                                  f"attentions_{j}")(h, context)
             skips.append(h)
         if self.with_downsample:
@@ -202,6 +204,7 @@ class MidBlock(nn.Module):
     transformer_layers: int
     config: UNetConfig
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, h, temb, context):
@@ -212,8 +215,8 @@ class MidBlock(nn.Module):
                                dtype=self.dtype, name=f"resnets_{j}")
 
         h = resnet(0)(h, temb)
-        h = _transformer(cfg, self.channels, self.heads, self.transformer_layers, self.dtype, "attentions_0")(
-            h, context)
+        h = _transformer(cfg, self.channels, self.heads, self.transformer_layers, self.dtype, self.attention,
+                         "attentions_0")(h, context)
         return resnet(1)(h, temb)
 
 
@@ -228,6 +231,7 @@ class UpBlock(nn.Module):
     transformer_layers: int
     config: UNetConfig
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, h, skips, temb, context, upsample_size=None):
@@ -237,17 +241,18 @@ class UpBlock(nn.Module):
             h = ResnetBlock(self.channels, cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype,
                             name=f"resnets_{j}")(h, temb)
             if self.with_attention:
-                h = _transformer(cfg, self.channels, self.heads, self.transformer_layers, self.dtype,
+                h = _transformer(cfg, self.channels, self.heads, self.transformer_layers, self.dtype, self.attention,
                                  f"attentions_{j}")(h, context)
         if self.with_upsample:
             h = Upsample(self.channels, dtype=self.dtype, name="upsamplers_0")(h, upsample_size)
         return h
 
 
-def _transformer(cfg: UNetConfig, channels: int, heads: int, layers: int, dtype, name: str):
+def _transformer(cfg: UNetConfig, channels: int, heads: int, layers: int, dtype, attention: AttentionConfig,
+                 name: str):
     # `upcast_attention` needs nothing here: layers.attention always computes scores in float32.
     return SpatialTransformer(heads, channels // heads, layers, cfg.norm_num_groups, cfg.use_linear_projection,
-                              dtype=dtype, name=name)
+                              dtype=dtype, attention=attention, name=name)
 
 
 class TimeEmbedding(nn.Module):
@@ -265,6 +270,8 @@ class UNet(nn.Module):
 
     config: UNetConfig
     dtype: Any = jnp.float32
+    # Kernel choices for the target devices (not architecture): set by the pipeline / train step for its mesh.
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
@@ -285,10 +292,11 @@ class UNet(nn.Module):
         for i, ch in enumerate(cfg.block_out_channels):
             h, block_skips = DownBlock(
                 ch, cfg.layers_per_block, cfg.down_block_types[i] == "CrossAttnDownBlock2D", i < n - 1,
-                cfg.heads[i], cfg.transformer_layers[i], cfg, dtype=d, name=f"down_blocks_{i}")(h, temb, context)
+                cfg.heads[i], cfg.transformer_layers[i], cfg, d, self.attention, name=f"down_blocks_{i}")(
+                h, temb, context)
             skips += block_skips
 
-        h = MidBlock(cfg.block_out_channels[-1], cfg.heads[-1], cfg.transformer_layers[-1], cfg, dtype=d,
+        h = MidBlock(cfg.block_out_channels[-1], cfg.heads[-1], cfg.transformer_layers[-1], cfg, d, self.attention,
                      name="mid_block")(h, temb, context)
 
         up_channels = cfg.block_out_channels[::-1]
@@ -299,7 +307,7 @@ class UNet(nn.Module):
             # Latents whose size is not a multiple of 2**(n-1) upsample to the next skip's exact size.
             size = skips[-1].shape[1:3] if i < n - 1 else None
             h = UpBlock(ch, taken, cfg.up_block_types[i] == "CrossAttnUpBlock2D", i < n - 1,
-                        cfg.heads[block], cfg.transformer_layers[block], cfg, dtype=d,
+                        cfg.heads[block], cfg.transformer_layers[block], cfg, d, self.attention,
                         name=f"up_blocks_{i}")(h, block_skips, temb, context, size)
 
         h = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", d)(h))

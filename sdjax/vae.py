@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sdjax import configs
-from sdjax.layers import Downsample, ResnetBlock, Upsample, attention, conv, group_norm
+from sdjax.layers import AttentionConfig, Downsample, ResnetBlock, Upsample, attention, conv, group_norm
 
 _FIXED = {
     "act_fn": "silu",
@@ -95,6 +95,7 @@ class SpatialSelfAttention(nn.Module):
 
     groups: int
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -104,7 +105,8 @@ class SpatialSelfAttention(nn.Module):
         def proj(name):
             return nn.Dense(c, dtype=self.dtype, name=name)(y).reshape(b, h * w, 1, c)  # [B, HW, 1, C]
 
-        y = attention(proj("to_q"), proj("to_k"), proj("to_v")).reshape(b, h * w, c)
+        y = attention(proj("to_q"), proj("to_k"), proj("to_v"), config=self.attention, layer="/".join(self.path))
+        y = y.reshape(b, h * w, c)
         y = nn.Dense(c, dtype=self.dtype, name="to_out_0")(y)
         return x + y.reshape(b, h, w, c)
 
@@ -114,12 +116,13 @@ class MidBlock(nn.Module):
     groups: int
     with_attention: bool
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         h = ResnetBlock(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_0")(h)
         if self.with_attention:
-            h = SpatialSelfAttention(self.groups, dtype=self.dtype, name="attentions_0")(h)
+            h = SpatialSelfAttention(self.groups, self.dtype, self.attention, name="attentions_0")(h)
         return ResnetBlock(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_1")(h)
 
 
@@ -146,6 +149,7 @@ class ResnetStack(nn.Module):
 class Encoder(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -155,8 +159,8 @@ class Encoder(nn.Module):
         for i, ch in enumerate(cfg.block_out_channels):
             h = ResnetStack(ch, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None,
                             dtype=d, name=f"down_blocks_{i}")(h)
-        h = MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dtype=d,
-                     name="mid_block")(h)
+        h = MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, d,
+                     self.attention, name="mid_block")(h)
         h = nn.silu(group_norm(cfg.norm_num_groups, 1e-6, "conv_norm_out", d)(h))
         return conv(2 * cfg.latent_channels, 3, "conv_out", d)(h)
 
@@ -164,14 +168,15 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg, d = self.config, self.dtype
         n = len(cfg.block_out_channels)
         h = conv(cfg.block_out_channels[-1], 3, "conv_in", d)(z)
-        h = MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dtype=d,
-                     name="mid_block")(h)
+        h = MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, d,
+                     self.attention, name="mid_block")(h)
         for i, ch in enumerate(cfg.block_out_channels[::-1]):
             h = ResnetStack(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < n - 1 else None,
                             dtype=d, name=f"up_blocks_{i}")(h)
@@ -188,11 +193,12 @@ class VAE(nn.Module):
 
     config: VAEConfig
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
 
     def setup(self):
         cfg, d = self.config, self.dtype
-        self.encoder = Encoder(cfg, dtype=d)
-        self.decoder = Decoder(cfg, dtype=d)
+        self.encoder = Encoder(cfg, d, self.attention)
+        self.decoder = Decoder(cfg, d, self.attention)
         if cfg.use_quant_conv:
             self.quant_conv = conv(2 * cfg.latent_channels, 1, "quant_conv", d)
         if cfg.use_post_quant_conv:

@@ -1,3 +1,11 @@
+import os
+
+# The suite runs on the host CPU; TPU/GPU programs are compiled for compile-only devices (tests/test_compile_check.py),
+# so the installed TPU and CUDA plugins must not try to start a backend of their own.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu allows one process per machine unless told otherwise; compile-only use needs no exclusive chip.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import pytest
 
 from tests import reference as ref

@@ -76,15 +76,40 @@ def test_half_precision_paths(small_blocks, dtype):
         assert np.abs(np.asarray(out, np.float32) - ref).max() <= 3e-2
 
 
-def test_default_implementation(monkeypatch):
-    short, long = jnp.zeros((1, 77, 8, 40)), jnp.zeros((1, 4096, 8, 40))
-    if jax.default_backend() == "cpu":
-        assert layers.default_implementation(short, short) == "xla"
-        assert layers.default_implementation(long, long) == "blocked"
-    monkeypatch.setenv("SDJAX_ATTENTION", "xla")
-    assert layers.default_implementation(long, long) == "xla"
+def test_choice_follows_the_config():
+    short, long = (1, 77, 8, 40), (1, 4096, 8, 40)
+    choose = lambda cfg, q, dtype=jnp.float32: cfg.choose(q, q, dtype)  # noqa: E731
+    cpu, gpu, tpu = (layers.AttentionConfig(p) for p in ("cpu", "gpu", "tpu"))
+    assert (choose(cpu, short), choose(cpu, long)) == ("xla", "blocked")
+    assert (choose(tpu, short), choose(tpu, long)) == ("xla", "pallas_tpu")
+    assert choose(gpu, long, jnp.bfloat16) == "cudnn"
+    assert choose(gpu, long) == "blocked"  # cuDNN's fused attention is half precision only
+    assert choose(gpu, (1, 1024, 8, 160), jnp.bfloat16) == "blocked"  # head_dim above 128
+    assert choose(tpu, (1, 1100, 8, 40)) == "blocked"  # not a multiple of the kernel's 128 tile
+    assert choose(layers.AttentionConfig("tpu", "xla"), long) == "xla"  # the override wins
     with pytest.raises(ValueError, match="not one of"):
-        layers.attention(short, short, short, implementation="nope")
+        layers.attention(jnp.zeros(short), jnp.zeros(short), jnp.zeros(short), implementation="nope")
+    with pytest.raises(ValueError, match="platform"):
+        layers.AttentionConfig("metal")
+
+
+def test_choice_ignores_default_backend_and_environment(monkeypatch):
+    """The choice is a function of the config and shapes alone: neither the process's backend nor any
+    environment variable is read while tracing (compile-only targets need the target's choice)."""
+    long = (2, 4096, 8, 40)
+    configs = [layers.AttentionConfig(p) for p in layers.PLATFORMS]
+    before = [c.choose(long, long, jnp.bfloat16) for c in configs]
+    assert before == ["blocked", "cudnn", "pallas_tpu"]
+    for backend in ("tpu", "gpu", "cpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        monkeypatch.setenv("SDJAX_ATTENTION", "xla")
+        assert [c.choose(long, long, jnp.bfloat16) for c in configs] == before
+    # and a traced call records the config's choice, not the backend's
+    q = jnp.zeros((1, 1024, 1, 8))
+    with layers.record_attention() as log:
+        jax.jit(lambda q: layers.attention(q, q, q, config=layers.AttentionConfig("cpu"), layer="x")).lower(q)
+    assert log == [{"layer": "x", "implementation": "blocked", "q": [1, 1024, 1, 8], "k": [1, 1024, 1, 8],
+                    "causal": False}]
 
 
 def test_pallas_tpu_falls_back_off_multiples():
