@@ -9,9 +9,10 @@
 from sdjax import xla_flags as _xla_flags  # noqa: F401  (first: process settings before JAX starts)
 from sdjax.checkpoint import load as load_component, save as save_component
 from sdjax.clip import CLIPConfig, TextEncoder
-from sdjax.io import ClipTokenizer, load_tokenizer, resolve_model
+from sdjax.io import resolve_model
 from sdjax.pipeline import Generation, Pipeline, enable_compilation_cache, load_pipeline
 from sdjax.schedulers import SCHEDULER_NAMES
+from sdjax.tokenizer import ClipTokenizer, load_tokenizer
 from sdjax.unet import UNet, UNetConfig
 from sdjax.vae import VAE, VAEConfig
 

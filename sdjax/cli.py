@@ -194,11 +194,75 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_img2img(sub)
     add_inpaint(sub)
-    from sdjax import train  # the training subcommand's flags live beside the training code
-
-    train.add_train_lora_parser(sub)
+    add_train_lora_parser(sub)
     add_compile_check(sub)
     return parser
+
+
+def add_train_lora_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`sdjax train-lora --data DIR --model M --rank R --steps N --out DIR ...` (run with `train.run_train_lora`)."""
+    from sdjax import data, train  # the training code (train: the loop, its run_train_lora) is loaded only here
+    from sdjax import lora as lora_lib
+    from sdjax.train_step import PREDICTION_TYPES, TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser("train-lora", help="train a LoRA on a folder of captioned images",
+                              description="LoRA fine-tuning on images with captions (name.txt beside each image, "
+                              "or metadata.jsonl). Resumes from OUT/checkpoints; SIGTERM/Ctrl-C save and stop.")
+    p.add_argument("--data", required=True, metavar="DIR", help="folder of images and captions")
+    p.add_argument("--model", required=True, metavar="PATH_OR_ID", help="diffusers-format folder or hub id")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoints, samples and the exported LoRA")
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help=f"a target set ({', '.join(lora_lib.TARGET_SETS)}) or kernel-path regexes (default: unet)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer updates (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 turns clipping off")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--resolution", type=int, default=d.resolution)
+    p.add_argument("--random-crop", action="store_true")
+    p.add_argument("--random-flip", action="store_true")
+    p.add_argument("--bad-images", choices=data.BAD_IMAGE_POLICIES, default=d.bad_images)
+    p.add_argument("--cache-latents", choices=data.CACHE_MODES, default=None)
+    p.add_argument("--min-snr-gamma", type=float, default=None)
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=d.dtype, choices=tuple(convert.DTYPES),
+                   help="compute dtype of the frozen model (LoRA and optimizer state stay float32)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--keep-last", type=int, default=d.keep_last)
+    p.add_argument("--sample-every", type=int, default=d.sample_every)
+    p.add_argument("--sample-prompt", action="append", default=None, dest="sample_prompts")
+    p.add_argument("--format", default=d.lora_format, dest="lora_format", help="LoRA export format")
+    p.add_argument("--no-resume", action="store_true", help="fail if OUT already has checkpoints")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=train.run_train_lora, parser=p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """train_step.TrainConfig from `train-lora`'s arguments (ValueError names the bad setting)."""
+    from sdjax.train_step import TrainConfig
+
+    return TrainConfig(
+        rank=args.rank, alpha=args.rank if args.alpha is None else args.alpha,
+        targets=_targets(args.targets), lr=args.lr, warmup_steps=args.warmup_steps,
+        steps=args.steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
+        grad_accum=args.grad_accum, batch_size=args.batch_size, resolution=args.resolution,
+        crop="random" if args.random_crop else "center", random_flip=args.random_flip, bad_images=args.bad_images,
+        cache_latents=args.cache_latents, min_snr_gamma=args.min_snr_gamma, prediction_type=args.prediction_type,
+        seed=args.seed, dtype=args.dtype, checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
+        sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompts or ()), lora_format=args.lora_format)
+
+
+def _targets(values: list[str] | None) -> str | tuple[str, ...]:
+    from sdjax.train_step import TrainConfig
+
+    return tuple(values) if values else TrainConfig.targets
 
 
 def main(argv: Sequence[str] | None = None) -> int:

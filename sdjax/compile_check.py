@@ -147,7 +147,7 @@ def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str
         if job == "train-lora":
             lowered = _lower_train_step(models, params, sched_cfg, mesh, batch, size, dtype, lora_rank)
         else:
-            name = scheduler or pipeline.SCHEDULER_CLASSES.get(sched_dict.get("_class_name"), "pndm")
+            name = scheduler or schedulers.from_diffusers_config(sched_dict)
             lowered = _lower_generation(job, models, params, schedulers.create(name, sched_cfg, steps), mesh,
                                         batch, size)
         compiled = lowered.compile()
@@ -207,25 +207,26 @@ def _lower_generation(job: str, models: sampling.Models, params: dict, schedule:
         static = {"dedicated": models.unet.config.in_channels == 9, "paste_back": False}
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)  # noqa: E731
     fn = pipeline.jit_job(models, mesh, job)
-    return fn.lower(params, _shaped(schedule, rep), inputs, scalar(jnp.float32), scalar(jnp.int32), use_cfg=True,
+    first = (scalar(jnp.int32),) if pipeline.JOBS[job].from_image else ()
+    return fn.lower(params, _shaped(schedule, rep), inputs, scalar(jnp.float32), *first, use_cfg=True,
                     progress=None, **static)
 
 
 def _lower_train_step(models: sampling.Models, params: dict, sched_cfg, mesh, batch: int, size: int, dtype,
                       rank: int):
-    from sdjax import train
+    from sdjax import train_step
 
     b = parallel.padded_size(batch, mesh)
-    cfg = train.TrainConfig(rank=rank, alpha=float(rank), resolution=size, batch_size=b,
-                            dtype=jnp.dtype(convert.parse_dtype(dtype)).name)
-    optimizer = train.make_optimizer(cfg)
+    cfg = train_step.TrainConfig(rank=rank, alpha=float(rank), resolution=size, batch_size=b,
+                                 dtype=jnp.dtype(convert.parse_dtype(dtype)).name)
+    optimizer = train_step.make_optimizer(cfg)
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    lora = train.init_lora(cfg, params, jax.random.key(0))  # reads only the params' shapes; small (rank r)
+    lora = train_step.init_lora(cfg, params, jax.random.key(0))  # reads only the params' shapes; small (rank r)
     opt_state = jax.eval_shape(optimizer.init, lora)
     key = jax.eval_shape(lambda: jax.random.key(0))
     inputs = {"pixels": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=shard),
               "ids": jax.ShapeDtypeStruct((b, TOKENS), jnp.int32, sharding=shard)}
-    step = train.make_train_step(models, cfg, optimizer, mesh, sched_cfg)
+    step = train_step.make_train_step(models, cfg, optimizer, mesh, sched_cfg)
     return step.lower(_shaped_like(lora, rep), _shaped_like(opt_state, rep), params, inputs,
                       jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -19,22 +20,13 @@ from sdjax import checkpoint, convert, io, parallel, sampling, schedulers
 from sdjax import images as sdimages
 from sdjax.clip import TextEncoder
 from sdjax.layers import IMPLEMENTATIONS
+from sdjax.tokenizer import ClipTokenizer, load_tokenizer
 from sdjax.unet import UNet
 from sdjax.vae import VAE
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MAX_SEED = 2**32 - 1
 
-# diffusers scheduler classes -> sdjax sampler names (the checkpoint's own scheduler is the default).
-SCHEDULER_CLASSES = {
-    "PNDMScheduler": "pndm",
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "LMSDiscreteScheduler": "lms",
-    "DDPMScheduler": "ddpm",
-}
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
     "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
@@ -92,7 +84,7 @@ class _Progress:
 class Pipeline:
     """Stable Diffusion over every device: `txt2img` (and the tasks built on the same loop)."""
 
-    def __init__(self, models: sampling.Models, params: dict, tokenizer: io.ClipTokenizer,
+    def __init__(self, models: sampling.Models, params: dict, tokenizer: ClipTokenizer,
                  scheduler_config: dict, *, mesh=None, source: str = "", attention: str | None = None):
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         # Attention kernels chosen once, here, for the mesh's devices (`attention` overrides for every layer).
@@ -101,9 +93,7 @@ class Pipeline:
         self.base_params = self.params  # without LoRAs; `set_loras` merges into a copy of these
         self.tokenizer = tokenizer
         self.scheduler_config = schedulers.SchedulerConfig.from_dict(scheduler_config)
-        self.default_scheduler = SCHEDULER_CLASSES.get(scheduler_config.get("_class_name"), "pndm")
-        if self.default_scheduler == "dpmpp_2m" and scheduler_config.get("use_karras_sigmas"):
-            self.default_scheduler = "dpmpp_2m_karras"
+        self.default_scheduler = schedulers.from_diffusers_config(scheduler_config)  # the checkpoint's own sampler
         self.source = source
         self.dtype = models.unet.dtype
         self._progress = _Progress()
@@ -112,6 +102,28 @@ class Pipeline:
     @property
     def num_devices(self) -> int:
         return self.mesh.devices.size
+
+    def with_params(self, params: dict) -> Pipeline:
+        """A pipeline sharing everything with this one but the (full) params, e.g. base params with a LoRA
+        merged; replicated on the mesh. It shares the jitted functions (params are their arguments), so
+        params of the same shapes and dtypes compile nothing new."""
+        view = copy.copy(self)
+        view.params = parallel.put_replicated(params, self.mesh)
+        return view
+
+    def astype(self, dtype: Any) -> Pipeline:
+        """This pipeline computing in `dtype` with its params cast to it (itself when they already are)."""
+        dtype = convert.parse_dtype(dtype)
+        floats = [a for a in jax.tree.leaves(self.params) if jnp.issubdtype(a.dtype, jnp.floating)]
+        if self.dtype == dtype and all(a.dtype == dtype for a in floats):
+            return self
+        cast = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, self.params)
+        view = self.with_params(cast)
+        view.base_params = view.params
+        view.models = self.models.astype(dtype)
+        view.dtype = dtype
+        view._compiled = {}  # other modules: their own jitted functions
+        return view
 
     def _jitted(self, job: str):
         """One jitted function per job; jax caches its compilations per shape and static argument."""
@@ -141,11 +153,8 @@ class Pipeline:
         """Text to image. One image per prompt; `seeds` is one int per image (an int s gives s, s+1, ...;
         None draws random seeds, returned in the result). `latents` [B, h/8, w/8, 4] replaces the seeded
         starting noise (unscaled standard normal, like the reference's `latents=`)."""
-        req, schedule, batch = self._request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width,
-                                             scheduler, latents)
-        pixels, final = self._run("txt2img", schedule, batch, req, guidance_scale, first=0,
-                                  progress=progress, height=height, width=width)
-        return self._result(pixels, final, req, schedule, steps, guidance_scale, height, width)
+        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
+        return self._generate("txt2img", req, self._batch(req, latents), progress)
 
     def img2img(self, images, prompts: str | Sequence[str], strength: float = 0.8,
                 negative_prompts: str | Sequence[str] | None = None, *, steps: int = 50,
@@ -158,14 +167,10 @@ class Pipeline:
         latents: optional [B, h/8, w/8, 4] standard-normal noise replacing the seeded draw."""
         strength = _check_strength(strength)
         pixels, height, width = sdimages.prepare_images(images, height, width, self.models.vae_scale)
-        job = self._image_job(pixels, prompts, strength, negative_prompts, seeds, steps, guidance_scale, scheduler,
-                              latents)
-        req, schedule, first, batch = job
-        if first is None:  # strength 0 (or too small for one step): nothing to denoise
-            return self._unchanged(pixels, req, schedule, steps, guidance_scale, strength)
-        out, final = self._run("img2img", schedule, batch, req, guidance_scale, first=first,
-                               progress=progress)
-        return self._result(out, final, req, schedule, steps, guidance_scale, height, width, strength=strength)
+        req = self._validate(_per_image(prompts, pixels), negative_prompts, seeds, steps, guidance_scale, height,
+                             width, scheduler, strength=strength)
+        _check_count("images", len(pixels), len(req.prompts))
+        return self._generate("img2img", req, {**self._batch(req, latents), "pixels": pixels}, progress)
 
     def inpaint(self, images, masks, prompts: str | Sequence[str], strength: float = 1.0,
                 negative_prompts: str | Sequence[str] | None = None, *, steps: int = 50,
@@ -185,112 +190,85 @@ class Pipeline:
                              "channels): mask blending needs a 4-channel UNet, blend=False a 9-channel one")
         pixels, height, width = sdimages.prepare_images(images, height, width, self.models.vae_scale)
         mask_arr = sdimages.prepare_masks(masks, images, height, width)
-        req, schedule, first, batch = self._image_job(pixels, prompts, strength, negative_prompts, seeds, steps,
-                                                      guidance_scale, scheduler, latents)
-        if first is None:
-            return self._unchanged(pixels, req, schedule, steps, guidance_scale, strength)
-        batch["masks"] = mask_arr
-        out, final = self._run("inpaint", schedule, batch, req, guidance_scale, first=first,
-                               progress=progress, dedicated=dedicated, paste_back=bool(paste_back))
-        return self._result(out, final, req, schedule, steps, guidance_scale, height, width, strength=strength,
-                            paste_back=bool(paste_back))
-
-    def _image_job(self, pixels, prompts, strength, negative_prompts, seeds, steps, guidance_scale, scheduler,
-                   latents):
-        """Shared set-up of the jobs that start from images: (request, schedule, first call or None, batch)."""
-        if isinstance(prompts, str):
-            prompts = [prompts] * len(pixels)
-        height, width = pixels.shape[1:3]
-        req, schedule, batch = self._request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width,
-                                             scheduler, latents)
+        req = self._validate(_per_image(prompts, pixels), negative_prompts, seeds, steps, guidance_scale, height,
+                             width, scheduler, strength=strength)
         _check_count("images", len(pixels), len(req.prompts))
-        # First call index from strength on the host, in float64 exactly as the reference; traced in the loop.
-        first = schedulers.first_call_index(schedule, strength) if int(steps * strength) > 0 else None
-        return req, schedule, first, {**batch, "pixels": pixels}
+        batch = {**self._batch(req, latents), "pixels": pixels, "masks": mask_arr}
+        return self._generate("inpaint", req, batch, progress, dedicated=dedicated, paste_back=bool(paste_back))
 
-    def _request(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
-                 latents):
-        """Validated request, its schedule, and the host batch every job starts from (ids, seeds, latents)."""
-        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
-        latents = self._check_latents(latents, len(req.prompts), height, width)
-        batch = self._text_batch(req)
-        if latents is not None:
-            batch["latents"] = latents
-        return req, self.schedule(req.scheduler, steps), batch
-
-    def _validate(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler):
+    def _validate(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
+                  strength=None) -> Request:
         return validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
-                                self.models.vae_scale)
+                                self.models.vae_scale, strength=strength)
 
-    def _check_latents(self, latents, b: int, height: int, width: int) -> np.ndarray | None:
-        if latents is None:
-            return None
-        s = self.models.vae_scale
-        shape = (b, height // s, width // s, self.models.latent_channels)
-        latents = np.asarray(latents, np.float32)
-        if latents.shape != shape:
-            raise ValueError(f"latents must have shape {list(shape)} for {b} image(s) at {height}x{width}, "
-                             f"got {list(latents.shape)}")
-        return latents
+    def _batch(self, req: Request, latents) -> dict[str, np.ndarray]:
+        """The host arrays every job starts from: token ids, seeds, and the caller's starting noise if any."""
+        batch = {"ids": self.tokenizer(req.prompts), "neg_ids": self.tokenizer(req.negative_prompts),
+                 "seeds": np.asarray(req.seeds, np.uint32)}
+        if latents is not None:
+            s = self.models.vae_scale
+            shape = (len(req.prompts), req.height // s, req.width // s, self.models.latent_channels)
+            batch["latents"] = np.asarray(latents, np.float32)
+            if batch["latents"].shape != shape:
+                raise ValueError(f"latents must have shape {list(shape)} for {shape[0]} image(s) at "
+                                 f"{req.height}x{req.width}, got {list(batch['latents'].shape)}")
+        return batch
 
-    def _text_batch(self, req: Request) -> dict[str, np.ndarray]:
-        return {"ids": self.tokenizer(req.prompts), "neg_ids": self.tokenizer(req.negative_prompts),
-                "seeds": np.asarray(req.seeds, np.uint32)}
-
-    def _run(self, job: str, schedule, batch: dict, req: Request, guidance_scale: float, *, first: int,
-             progress: bool | None, **static):
-        """Pads and shards the batch, runs the job's jitted function, returns host arrays trimmed to the batch."""
+    def _generate(self, job: str, req: Request, batch: dict[str, np.ndarray], progress: bool | None,
+                  **static) -> Generation:
+        """Pads and shards the batch, runs the job's jitted function, returns the trimmed result."""
+        schedule = self.schedule(req.scheduler, req.steps)
+        first = 0
+        if req.strength is not None:
+            if int(req.steps * req.strength) == 0:  # strength 0, or too small for one step: nothing to denoise
+                return self._result(batch["pixels"], None, req, schedule)
+            # First call index from strength on the host, in float64 exactly as the reference; traced in the loop.
+            first = schedulers.first_call_index(schedule, req.strength)
         b = len(req.prompts)
         size = parallel.padded_size(b, self.mesh)
         batch = parallel.put_batch({k: parallel.pad_batch(v, size) for k, v in batch.items()}, self.mesh)
         show = _want_progress(progress)
-        jitted = self._jitted(job)
+        args = (jnp.int32(first),) if JOBS[job].from_image else ()
+        if job == "txt2img":
+            static = {"height": req.height, "width": req.width}
         with _progress_bar(self._progress, schedule.num_calls, first, show):
-            out, final = jitted(self.params, parallel.put_replicated(schedule, self.mesh), batch,
-                                jnp.float32(guidance_scale), jnp.int32(first), use_cfg=guidance_scale > 1.0,
-                                progress=self._progress if show else None, **static)
-        return np.asarray(jax.device_get(out))[:b], np.asarray(jax.device_get(final))[:b]
+            out, final = self._jitted(job)(self.params, parallel.put_replicated(schedule, self.mesh), batch,
+                                           jnp.float32(req.guidance_scale), *args, use_cfg=req.use_cfg,
+                                           progress=self._progress if show else None, **static)
+        pixels, final = np.asarray(jax.device_get(out))[:b], np.asarray(jax.device_get(final))[:b]
+        return self._result(pixels, final, req, schedule, **({"paste_back": static["paste_back"]}
+                                                            if "paste_back" in static else {}))
 
-    def _result(self, pixels, final, req: Request, schedule, steps, guidance_scale, height, width,
-                **extra) -> Generation:
-        settings = dict(steps=steps, guidance_scale=float(guidance_scale), height=height, width=width,
-                        scheduler=schedule.name, model=self.source, dtype=jnp.dtype(self.dtype).name, **extra)
+    def _result(self, pixels, final, req: Request, schedule, **extra) -> Generation:
+        settings = dict(steps=req.steps, guidance_scale=float(req.guidance_scale), height=int(pixels.shape[1]),
+                        width=int(pixels.shape[2]), scheduler=schedule.name, model=self.source,
+                        dtype=jnp.dtype(self.dtype).name,
+                        **({"strength": req.strength} if req.strength is not None else {}), **extra)
         return Generation(to_pil(pixels), pixels, final, req.prompts, req.negative_prompts, req.seeds, settings)
 
-    def _unchanged(self, pixels, req: Request, schedule, steps, guidance_scale, strength) -> Generation:
-        h, w = pixels.shape[1:3]
-        return self._result(pixels, None, req, schedule, steps, guidance_scale, h, w, strength=strength)
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A generation job: its function in `sampling` (models, params, schedule, batch, guidance_scale[, first],
+    *, use_cfg, progress, **static) and the static arguments it compiles for."""
+
+    fn: Any
+    static: tuple[str, ...] = ()
+    from_image: bool = False  # takes the traced first call index (img2img, inpaint)
 
 
-def _txt2img_job(models, params, schedule, batch, guidance_scale, first, *, height, width, use_cfg, progress):
-    del first
-    return sampling.txt2img(models, params, schedule, batch["ids"], batch["neg_ids"], batch["seeds"],
-                            guidance_scale, batch.get("latents"), height=height, width=width, use_cfg=use_cfg,
-                            progress=progress)
-
-
-def _img2img_job(models, params, schedule, batch, guidance_scale, first, *, use_cfg, progress):
-    return sampling.img2img(models, params, schedule, batch["ids"], batch["neg_ids"], batch["seeds"],
-                            guidance_scale, batch["pixels"], first, batch.get("latents"), use_cfg=use_cfg,
-                            progress=progress)
-
-
-def _inpaint_job(models, params, schedule, batch, guidance_scale, first, *, use_cfg, progress, dedicated,
-                 paste_back):
-    return sampling.inpaint(models, params, schedule, batch["ids"], batch["neg_ids"], batch["seeds"],
-                            guidance_scale, batch["pixels"], batch["masks"], first, batch.get("latents"),
-                            use_cfg=use_cfg, dedicated=dedicated, paste_back=paste_back, progress=progress)
-
-
-JOBS = {"txt2img": _txt2img_job, "img2img": _img2img_job, "inpaint": _inpaint_job}
-JOB_STATIC = {"txt2img": ("height", "width"), "img2img": (), "inpaint": ("dedicated", "paste_back")}
+JOBS = {
+    "txt2img": Job(sampling.txt2img, ("height", "width")),
+    "img2img": Job(sampling.img2img, from_image=True),
+    "inpaint": Job(sampling.inpaint, ("dedicated", "paste_back"), from_image=True),
+}
 
 
 def jit_job(models: sampling.Models, mesh, job: str):
     """The jitted function of a generation job (one of JOBS), as the pipeline runs it and `compile_check`
-    compiles it: (params, schedule, batch, guidance_scale, first, *, use_cfg, progress, **JOB_STATIC[job]) ->
+    compiles it: (params, schedule, batch, guidance_scale[, first], *, use_cfg, progress, **static) ->
     (pixels, final latents), both sharded over the mesh's batch axis."""
-    return jax.jit(functools.partial(JOBS[job], models), static_argnames=("use_cfg", "progress", *JOB_STATIC[job]),
+    return jax.jit(functools.partial(JOBS[job].fn, models), static_argnames=("use_cfg", "progress", *JOBS[job].static),
                    out_shardings=parallel.batch_sharded(mesh))
 
 
@@ -301,6 +279,11 @@ def _check_strength(strength) -> float:
     return float(strength)
 
 
+def _per_image(prompts, pixels: np.ndarray):
+    """A single prompt string stands for every image."""
+    return [prompts] * len(pixels) if isinstance(prompts, str) else prompts
+
+
 def _check_count(name: str, n: int, b: int) -> None:
     if n != b:
         raise ValueError(f"{name} must be one per prompt: got {n} for {b} prompt(s)")
@@ -308,14 +291,26 @@ def _check_count(name: str, n: int, b: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
+    """One generation request, validated once (`validate_request`) and passed down whole."""
+
     prompts: list[str]
-    negative_prompts: list[str]
-    seeds: list[int]
-    scheduler: str | None
+    negative_prompts: list[str]  # one per prompt ("" = the empty-prompt embedding)
+    seeds: list[int]  # one per prompt
+    scheduler: str | None  # None: the checkpoint's own
+    steps: int = 50
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    strength: float | None = None  # img2img / inpaint; None for txt2img
+
+    @property
+    def use_cfg(self) -> bool:
+        """Classifier-free guidance runs only above 1 (a static choice: it changes the UNet batch)."""
+        return self.guidance_scale > 1.0
 
 
 def validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
-                     multiple: int = 8) -> Request:
+                     multiple: int = 8, *, strength: float | None = None) -> Request:
     """Checks every argument before any heavy work; errors name the argument and what is allowed."""
     if isinstance(prompts, str):
         prompts = [prompts] * (len(seeds) if isinstance(seeds, (list, tuple)) else 1)
@@ -354,7 +349,8 @@ def validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, he
     if scheduler is not None and scheduler not in schedulers.SCHEDULER_NAMES:
         raise ValueError(f"scheduler={scheduler!r} is not known; choose one of "
                          f"{', '.join(schedulers.SCHEDULER_NAMES)}")
-    return Request(prompts, negative_prompts, seeds, scheduler)
+    return Request(prompts, negative_prompts, seeds, scheduler, int(steps), float(guidance_scale), int(height),
+                   int(width), strength)
 
 
 def to_pil(pixels: np.ndarray) -> list[Image.Image]:
@@ -406,5 +402,5 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     models = sampling.Models(TextEncoder(cfgs["text_encoder"], dtype=dtype), UNet(cfgs["unet"], dtype=dtype),
                              VAE(cfgs["vae"], dtype=dtype))
     mesh = parallel.make_mesh(devices)
-    return Pipeline(models, params, io.load_tokenizer(folder), sched, mesh=mesh, source=str(path_or_id),
+    return Pipeline(models, params, load_tokenizer(folder), sched, mesh=mesh, source=str(path_or_id),
                     attention=attention)

@@ -10,7 +10,8 @@ so A1111's "PNG Info" tab, its forks (Forge, SD.Next), ComfyUI loaders and web g
 The chunk is ``tEXt`` when the text is latin-1 and ``iTXt`` (UTF-8) otherwise, exactly as PIL's
 ``PngInfo.add_text`` (which A1111 uses) decides. ``Size`` is width x height.
 
-Samplers use A1111's names (`SAMPLER_NAMES`). A Karras sigma schedule is written in the legacy combined
+Samplers use A1111's names (`SAMPLER_NAMES`, from the `a1111` field of the scheduler registry
+`schedulers.SAMPLERS`). A Karras sigma schedule is written in the legacy combined
 form ``Sampler: DPM++ 2M Karras``: every A1111 version reads it (since v1.9 A1111 itself writes
 ``Sampler: DPM++ 2M, Schedule type: Karras`` and splits legacy names on reading), while older versions
 and most other tools know only the combined names. `generation_settings` accepts both forms.
@@ -34,23 +35,12 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from sdjax import io
+from sdjax import io, schedulers
 
 PathLike = str | os.PathLike
 
 KEYWORD = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
-SAMPLER_NAMES = {
-    "pndm": "PLMS",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "lms": "LMS",
-    "ddpm": "DDPM",
-}
-SCHEDULERS_BY_SAMPLER = {v: k for k, v in SAMPLER_NAMES.items()}
 
 # A1111's own pattern for one "Key: value" pair of the parameters line (modules/infotext_utils.py).
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -58,9 +48,20 @@ _KEY = re.compile(r"\w[\w \-/]+")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
+def __getattr__(attr: str) -> Any:
+    # SAMPLER_NAMES (sdjax scheduler name -> A1111 sampler name) and SCHEDULERS_BY_SAMPLER (the inverse) are
+    # derived from the scheduler registry on each access (PEP 562), so they always list what it holds.
+    if attr == "SAMPLER_NAMES":
+        return {name: entry.a1111 for name, entry in schedulers.SAMPLERS.items()}
+    if attr == "SCHEDULERS_BY_SAMPLER":
+        return {entry.a1111: name for name, entry in schedulers.SAMPLERS.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
 def sampler_name(scheduler: str) -> str:
     """sdjax scheduler name -> A1111 sampler name (unknown names pass through unchanged)."""
-    return SAMPLER_NAMES.get(scheduler, scheduler)
+    entry = schedulers.SAMPLERS.get(scheduler)
+    return entry.a1111 if entry is not None else scheduler
 
 
 def quote(value: Any) -> str:
@@ -174,7 +175,7 @@ def _scheduler_of(sampler: str, schedule_type: str | None) -> str | None:
     """A1111 sampler (+ optional newer ``Schedule type``) -> sdjax scheduler name or None."""
     if schedule_type and schedule_type not in ("Automatic", "Normal") and not sampler.endswith(f" {schedule_type}"):
         sampler = f"{sampler} {schedule_type}"
-    return SCHEDULERS_BY_SAMPLER.get(sampler)
+    return next((name for name, entry in schedulers.SAMPLERS.items() if entry.a1111 == sampler), None)
 
 
 def write_png(path: PathLike, image: Image.Image, parameters: str | None = None, *,

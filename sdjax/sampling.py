@@ -1,8 +1,9 @@
 """The denoising loop: text encoding, initial latents, every UNet step with classifier-free guidance, VAE decode.
 
-All of it is one pure function, `generate`, jitted once per shape (image size, batch, step count, scheduler)
-by `Pipeline`. Prompts (as token ids), seeds and the guidance scale are traced arguments, so changing them
-never recompiles.
+Each job (`txt2img`, `img2img`, `inpaint`) is one pure function of (models, params, schedule, batch, guidance
+scale[, first call]), jitted once per shape (image size, batch, step count, scheduler) by `pipeline.jit_job`.
+Prompts (as token ids), seeds, images, strength (as the first call index) and the guidance scale are traced
+arguments, so changing them never recompiles.
 
 Randomness: image b's key is `jax.random.key(seeds[b])`; its initial noise uses `fold_in(key, 0)` and the
 noise of step i (ancestral samplers) uses `fold_in(fold_in(key, 1), i)`. Nothing depends on the batch size,
@@ -25,7 +26,7 @@ from sdjax.layers import AttentionConfig
 from sdjax.unet import UNet
 from sdjax.vae import VAE
 
-NOISE_INIT, NOISE_STEPS, NOISE_POSTERIOR = 0, 1, 2  # fold_in tags of an image's key
+NOISE_INIT, NOISE_STEPS = 0, 1  # fold_in tags of an image's key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,17 +153,18 @@ def _context(models: Models, params: dict, ids: jax.Array, neg_ids: jax.Array, u
     return encode_text(models, params, both)  # [2B, 77, D]
 
 
-def txt2img(models: Models, params: dict, schedule: schedulers.Schedule, ids: jax.Array, neg_ids: jax.Array,
-            seeds: jax.Array, guidance_scale: jax.Array, latents: jax.Array | None, *, height: int, width: int,
-            use_cfg: bool, progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
-    """Prompts (ids [B, 77]) -> (pixels [B, H, W, 3] in [0, 1], final latents [B, H/8, W/8, 4]).
+def txt2img(models: Models, params: dict, schedule: schedulers.Schedule, batch: dict[str, jax.Array],
+            guidance_scale: jax.Array, *, height: int, width: int, use_cfg: bool,
+            progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+    """Prompts -> (pixels [B, H, W, 3] in [0, 1], final latents [B, H/8, W/8, 4]).
 
-    latents: optional [B, H/8, W/8, 4] unscaled standard-normal starting noise (as the reference's `latents=`),
-    replacing the seeded draw.
+    batch: "ids", "neg_ids" [B, 77] token ids, "seeds" [B] uint32, optionally "latents" [B, H/8, W/8, 4]
+    unscaled standard-normal starting noise (as the reference's `latents=`) replacing the seeded draw.
     """
-    context = _context(models, params, ids, neg_ids, use_cfg)
-    keys = image_keys(seeds)
+    context = _context(models, params, batch["ids"], batch["neg_ids"], use_cfg)
+    keys = image_keys(batch["seeds"])
     shape = (height // models.vae_scale, width // models.vae_scale, models.latent_channels)
+    latents = batch.get("latents")
     if latents is None:
         latents = normal_per_image(keys, NOISE_INIT, shape)
     x = latents.astype(jnp.float32) * schedulers.init_noise_sigma(schedule)
@@ -180,17 +182,19 @@ def encode_image(models: Models, params: dict, pixels: jax.Array) -> jax.Array:
     return from_vae_latents(models, mean.astype(jnp.float32))
 
 
-def img2img(models: Models, params: dict, schedule: schedulers.Schedule, ids, neg_ids, seeds, guidance_scale,
-            pixels: jax.Array, first: jax.Array, latents: jax.Array | None, *, use_cfg: bool,
+def img2img(models: Models, params: dict, schedule: schedulers.Schedule, batch: dict[str, jax.Array],
+            guidance_scale: jax.Array, first: jax.Array, *, use_cfg: bool,
             progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """Image to image: the image's latents noised to call index `first` (traced), then calls first.. of the
     sampler, as diffusers' StableDiffusionImg2ImgPipeline (strength picks `first` on the host).
 
-    pixels [B, H, W, 3] in [0, 1]; latents: optional [B, h, w, 4] standard-normal noise replacing the seeded draw.
+    batch: as `txt2img`'s plus "pixels" [B, H, W, 3] in [0, 1]; its optional "latents" [B, h, w, 4] are the
+    standard-normal noise replacing the seeded draw.
     """
-    context = _context(models, params, ids, neg_ids, use_cfg)
-    keys = image_keys(seeds)
-    x0 = encode_image(models, params, pixels)
+    context = _context(models, params, batch["ids"], batch["neg_ids"], use_cfg)
+    keys = image_keys(batch["seeds"])
+    x0 = encode_image(models, params, batch["pixels"])
+    latents = batch.get("latents")
     noise = normal_per_image(keys, NOISE_INIT, x0.shape[1:]) if latents is None else latents
     x = schedulers.add_noise(schedule, x0, noise, first)
     x = denoise(models, params, schedule, x, context, keys, guidance_scale, use_cfg, first=first,
@@ -198,10 +202,11 @@ def img2img(models: Models, params: dict, schedule: schedulers.Schedule, ids, ne
     return decode(models, params, x), x
 
 
-def inpaint(models: Models, params: dict, schedule: schedulers.Schedule, ids, neg_ids, seeds, guidance_scale,
-            pixels: jax.Array, masks: jax.Array, first: jax.Array, latents: jax.Array | None, *, use_cfg: bool,
-            dedicated: bool, paste_back: bool, progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
-    """Repaints where masks [B, H, W] (in [0, 1]) are 1, keeps pixels [B, H, W, 3] where they are 0.
+def inpaint(models: Models, params: dict, schedule: schedulers.Schedule, batch: dict[str, jax.Array],
+            guidance_scale: jax.Array, first: jax.Array, *, use_cfg: bool, dedicated: bool, paste_back: bool,
+            progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+    """Repaints where batch["masks"] [B, H, W] (in [0, 1]) are 1, keeps batch["pixels"] [B, H, W, 3] where
+    they are 0 (the rest of the batch as `img2img`'s).
 
     dedicated (a 9-channel inpainting UNet): as diffusers' StableDiffusionInpaintPipeline, the mask is
     binarised at 0.5 and the UNet sees [latents, mask at 1/8 size, latents of the masked image].
@@ -210,8 +215,9 @@ def inpaint(models: Models, params: dict, schedule: schedulers.Schedule, ids, ne
     masks blend softly. paste_back puts the original pixels back outside the mask after decoding.
     From strength 1 (first == 0) the start is pure noise; below it, the image's latents noised to `first`.
     """
-    context = _context(models, params, ids, neg_ids, use_cfg)
-    keys = image_keys(seeds)
+    context = _context(models, params, batch["ids"], batch["neg_ids"], use_cfg)
+    keys = image_keys(batch["seeds"])
+    pixels, masks, latents = batch["pixels"], batch["masks"], batch.get("latents")
     s = models.vae_scale
     b, h, w = masks.shape
     extra, after_step = None, None

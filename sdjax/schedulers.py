@@ -18,8 +18,8 @@ function, so the whole denoising loop can be jitted as one `lax.fori_loop`:
 "pndm" there is one call per inference step; PNDM/PLMS with skip_prk_steps
 evaluates the UNet twice at the second step (num_calls = steps + 1).
 
-Samplers (names in `SCHEDULER_NAMES`), each reproducing the corresponding
-diffusers scheduler step for step:
+Samplers, each reproducing the corresponding diffusers scheduler step for step
+(one `Sampler` entry each in the registry `SAMPLERS`):
   pndm             PLMS, Liu et al. 2022, "Pseudo Numerical Methods for
                    Diffusion Models on Manifolds" (PNDMScheduler, skip_prk_steps)
   ddim             Song et al. 2021, "Denoising Diffusion Implicit Models" (eta)
@@ -34,25 +34,25 @@ diffusers scheduler step for step:
 Schedule tables are built in numpy exactly as diffusers builds them (torch's
 float32 linspace, a float64 cumprod cast to float32, float64 sigma ramps cast
 to float32) so that timesteps and coefficients agree with the torch reference.
+
+The registry `SAMPLERS` (name -> `Sampler`) is the only place a sampler is
+named: its entry holds its tables, state size, step function, parametrisation
+(UNet input scaling, initial noise, add_noise), A1111 name and diffusers class.
+Everything else is derived from it: `SCHEDULER_NAMES`, the CLI choices, the
+PNG infotext names (`pngmeta`) and the default sampler of a diffusers config
+(`from_diffusers_config`). Adding a sampler is adding one entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-
-SCHEDULER_NAMES = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "ddpm")
-
-_ALPHA_BASED = ("pndm", "ddim", "ddpm")  # step on alphas_cumprod[t] with integer t
-_KARRAS_SIGMA = ("euler", "euler_a", "lms")  # x_sigma = x0 + sigma * eps, input scaled by 1/sqrt(sigma^2+1)
-_DPM = ("dpmpp_2m", "dpmpp_2m_karras")  # x_t = alpha_t x0 + sigma_t eps, alpha_t^2 + sigma_t^2 = 1
-_HISTORY = {"pndm": 4, "lms": 4, "dpmpp_2m": 1, "dpmpp_2m_karras": 1}
 
 _ALLOWED = {
     "beta_schedule": ("linear", "scaled_linear"),
@@ -83,7 +83,7 @@ class SchedulerConfig:
 
     Defaults are Stable Diffusion v1.5's. Sampler-specific fields of the json
     (`_class_name`, `solver_order`, `use_karras_sigmas`, ...) are ignored: the
-    sampler is chosen by name in `create`.
+    sampler is chosen by name in `create` (`from_diffusers_config` names the one a config asks for).
     """
 
     num_train_timesteps: int = 1000
@@ -196,6 +196,81 @@ def _lms_coefficients(sigmas: np.ndarray, order: int = 4) -> np.ndarray:
     return coeffs.astype(np.float32)
 
 
+def _no_table(dtype=np.float32) -> np.ndarray:
+    return np.zeros((0,), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tables:
+    """A sampler's numpy tables for one (config, steps), built by its `Sampler.tables`; C = num_calls.
+
+    `create` turns them into a `Schedule` (whose fields document them); unused tables stay empty.
+    """
+
+    timesteps: np.ndarray  # [C] UNet timestep per call: integer, or float32 for fractional timesteps
+    prev_timesteps: np.ndarray = dataclasses.field(default_factory=lambda: _no_table(np.int32))  # [C] int or [0]
+    sigmas: np.ndarray = dataclasses.field(default_factory=_no_table)  # [C+1] float32, last 0; or [0]
+    lms_coeffs: np.ndarray | None = None  # [C, K] float32; None: [C, 0]
+    final_alpha_cumprod: float | None = None  # abar past t=0; None: 1 if config.set_alpha_to_one else abar_0
+
+
+def _with_final_zero(sigmas: np.ndarray) -> np.ndarray:
+    """[N] sigmas (any float dtype) -> [N+1] float32 ending in sigma = 0 (the clean sample)."""
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+def _sigmas_at(ts: np.ndarray, abar: np.ndarray) -> np.ndarray:
+    """[C] sigma at each (maybe fractional) timestep, linear in t between training timesteps, float64."""
+    return np.interp(ts, np.arange(len(abar)), _sigma_table(abar))
+
+
+def _int_spaced_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
+    return _spaced_timesteps(config, n).round().astype(np.int64)
+
+
+def _plms_tables(config: SchedulerConfig, n: int, abar: np.ndarray) -> Tables:
+    """PNDMScheduler (skip_prk_steps): n + 1 calls, the second timestep twice."""
+    return Tables(_plms_timesteps(_int_spaced_timesteps(config, n)))
+
+
+def _ddim_tables(config: SchedulerConfig, n: int, abar: np.ndarray) -> Tables:
+    """DDIMScheduler: each call steps t -> t - T // n (a negative t_prev means abar = final_alpha_cumprod)."""
+    ts = _int_spaced_timesteps(config, n)
+    return Tables(ts, prev_timesteps=ts - config.num_train_timesteps // n)
+
+
+def _ddpm_tables(config: SchedulerConfig, n: int, abar: np.ndarray) -> Tables:
+    """DDPMScheduler: each call steps to the next timestep, the last to t = -1 with abar_{-1} = 1 (always)."""
+    ts = _int_spaced_timesteps(config, n)
+    return Tables(ts, prev_timesteps=np.concatenate([ts[1:], [-1]]), final_alpha_cumprod=1.0)
+
+
+def _sigma_tables(config: SchedulerConfig, n: int, abar: np.ndarray) -> Tables:
+    """Euler / EulerAncestral / LMS discrete: float32 timesteps (fractional with "linspace"), sigma at each."""
+    ts = _spaced_timesteps(config, n).astype(np.float32)
+    return Tables(ts, sigmas=_with_final_zero(_sigmas_at(ts, abar)))
+
+
+def _lms_tables(config: SchedulerConfig, n: int, abar: np.ndarray) -> Tables:
+    """LMSDiscreteScheduler: `_sigma_tables` plus the order-4 coefficients on the float32 sigmas (final 0 included)."""
+    tables = _sigma_tables(config, n, abar)
+    return dataclasses.replace(tables, lms_coeffs=_lms_coefficients(tables.sigmas))
+
+
+def _dpm_tables(config: SchedulerConfig, n: int, abar: np.ndarray) -> Tables:
+    """DPMSolverMultistepScheduler: its own integer spacing (`_dpm_timesteps`), sigma interpolated at each."""
+    ts = _dpm_timesteps(config, n)
+    return Tables(ts, sigmas=_with_final_zero(_sigmas_at(ts, abar)))
+
+
+def _dpm_karras_tables(config: SchedulerConfig, n: int, abar: np.ndarray) -> Tables:
+    """DPMSolverMultistepScheduler(use_karras_sigmas=True): Karras' ramp between the training sigma range's ends
+    (eq. 5), each sigma's timestep rounded to an integer (the spacing setting plays no part)."""
+    table = _sigma_table(abar)
+    sigmas = _karras_sigmas(float(table[0]), float(table[-1]), n)
+    return Tables(_sigma_to_t(sigmas, table).round().astype(np.int64), sigmas=_with_final_zero(sigmas))
+
+
 @struct.dataclass
 class Schedule:
     """A sampler's precomputed tables. C = num_calls, T = num_train_timesteps."""
@@ -218,11 +293,6 @@ class Schedule:
         """Number of UNet evaluations (= length of `timesteps`); static."""
         return self.timesteps.shape[0]
 
-    @property
-    def order(self) -> int:
-        """diffusers' `scheduler.order` (calls per inference step in img2img slicing); 1 for all samplers here."""
-        return 1
-
 
 @struct.dataclass
 class State:
@@ -238,47 +308,30 @@ def create(name: str, config: SchedulerConfig, num_inference_steps: int, eta: fl
 
     `eta` is DDIM's stochasticity (0 = deterministic DDIM, 1 = DDPM-like); other samplers reject eta != 0.
     """
-    if name not in SCHEDULER_NAMES:
-        raise ValueError(f"unknown scheduler name={name!r}; allowed: {', '.join(SCHEDULER_NAMES)}")
+    entry = sampler(name)
     if isinstance(config, Mapping):
         config = SchedulerConfig.from_dict(config)
     n, T = int(num_inference_steps), config.num_train_timesteps
     if not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
-    if eta < 0 or (eta != 0 and name != "ddim"):
-        raise ValueError(f"eta={eta!r} is only supported for name='ddim' (eta >= 0)")
+    if eta < 0 or (eta != 0 and not entry.takes_eta):
+        takers = ", ".join(repr(entry.name) for entry in SAMPLERS.values() if entry.takes_eta)
+        raise ValueError(f"eta={eta!r} is only supported for name={takers} (eta >= 0)")
     abar = alphas_cumprod(config)
-    table = _sigma_table(abar)
-    final = np.float32(1.0) if config.set_alpha_to_one or name == "ddpm" else abar[0]
-    prev = np.zeros((0,), np.int32)
-    sigmas = np.zeros((0,), np.float32)
-    if name in _ALPHA_BASED:
-        ts = _spaced_timesteps(config, n).round().astype(np.int64)
-        if name == "pndm":
-            ts = _plms_timesteps(ts)
-        elif name == "ddim":
-            prev = ts - T // n
-        else:
-            prev = np.concatenate([ts[1:], [-1]])
-    elif name in _KARRAS_SIGMA:
-        ts = _spaced_timesteps(config, n).astype(np.float32)
-        sigmas = np.interp(ts, np.arange(T), table)
-    elif name == "dpmpp_2m":
-        ts = _dpm_timesteps(config, n)
-        sigmas = np.interp(ts, np.arange(T), table)
+    tables = entry.tables(config, n, abar)
+    ts = tables.timesteps
+    if tables.final_alpha_cumprod is not None:
+        final = tables.final_alpha_cumprod
     else:
-        sigmas = _karras_sigmas(float(table[0]), float(table[-1]), n)
-        ts = _sigma_to_t(sigmas, table).round().astype(np.int64)
-    if name not in _ALPHA_BASED:
-        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-    lms = _lms_coefficients(sigmas) if name == "lms" else np.zeros((len(ts), 0), np.float32)
+        final = np.float32(1.0) if config.set_alpha_to_one else abar[0]
+    lms = tables.lms_coeffs if tables.lms_coeffs is not None else np.zeros((len(ts), 0), np.float32)
     return Schedule(
-        timesteps=jnp.asarray(ts, jnp.float32 if name in _KARRAS_SIGMA else jnp.int32),
+        timesteps=jnp.asarray(ts, jnp.float32 if np.issubdtype(ts.dtype, np.floating) else jnp.int32),
         alphas_cumprod=jnp.asarray(abar),
-        prev_timesteps=jnp.asarray(prev, jnp.int32),
+        prev_timesteps=jnp.asarray(tables.prev_timesteps, jnp.int32),
         final_alpha_cumprod=jnp.asarray(final, jnp.float32),
-        sigmas=jnp.asarray(sigmas),
-        lms_coeffs=jnp.asarray(lms),
+        sigmas=jnp.asarray(tables.sigmas, jnp.float32),
+        lms_coeffs=jnp.asarray(lms, jnp.float32),
         name=name,
         num_inference_steps=n,
         num_train_timesteps=T,
@@ -290,25 +343,20 @@ def create(name: str, config: SchedulerConfig, num_inference_steps: int, eta: fl
 
 def init_state(schedule: Schedule, latents: jax.Array) -> State:
     """Empty sampler memory for latents x [*x]."""
-    k = _HISTORY.get(schedule.name, 0)
-    x_first = jnp.zeros_like(latents) if schedule.name == "pndm" else jnp.zeros((0,), latents.dtype)
-    return State(jnp.zeros((k, *latents.shape), latents.dtype), x_first, jnp.zeros((), jnp.int32))
+    entry = sampler(schedule.name)
+    x_first = jnp.zeros_like(latents) if entry.keeps_first else jnp.zeros((0,), latents.dtype)
+    return State(jnp.zeros((entry.history, *latents.shape), latents.dtype), x_first, jnp.zeros((), jnp.int32))
 
 
 def init_noise_sigma(schedule: Schedule) -> jax.Array:
     """Std of the initial latents x_T ~ N(0, s^2 I): sigma_max for Karras-sigma samplers (sqrt(sigma_max^2+1)
     with "leading" spacing, as diffusers does), 1 otherwise."""
-    if schedule.name not in _KARRAS_SIGMA:
-        return jnp.float32(1.0)
-    sigma_max = jnp.max(schedule.sigmas)
-    return jnp.sqrt(sigma_max**2 + 1) if schedule.timestep_spacing == "leading" else sigma_max
+    return sampler(schedule.name).space.init_noise_sigma(schedule)
 
 
 def scale_model_input(schedule: Schedule, x: jax.Array, i) -> jax.Array:
     """UNet input at call i: x / sqrt(sigma_i^2 + 1) for Karras-sigma samplers (Karras et al. c_in), else x."""
-    if schedule.name not in _KARRAS_SIGMA:
-        return x
-    return x / jnp.sqrt(schedule.sigmas[i] ** 2 + 1)
+    return sampler(schedule.name).space.scale_model_input(schedule, x, i)
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -325,22 +373,22 @@ def _gaussian(key, noise, like: jax.Array, name: str) -> jax.Array:
     return jax.random.normal(key, like.shape, like.dtype)
 
 
-def _abar(s: Schedule, t: jax.Array) -> jax.Array:
+def _abar(sched: Schedule, t: jax.Array) -> jax.Array:
     """abar_t, with abar_{t<0} = final_alpha_cumprod."""
-    return jnp.where(t >= 0, s.alphas_cumprod[jnp.maximum(t, 0)], s.final_alpha_cumprod)
+    return jnp.where(t >= 0, sched.alphas_cumprod[jnp.maximum(t, 0)], sched.final_alpha_cumprod)
 
 
-def _eps_x0(s: Schedule, out: jax.Array, x: jax.Array, abar: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _eps_x0(sched: Schedule, out: jax.Array, x: jax.Array, abar: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(eps, x0) from the model output at x_t = sqrt(abar) x0 + sqrt(1-abar) eps (v = sqrt(abar) eps - sqrt(1-abar) x0)."""
     a, b = jnp.sqrt(abar), jnp.sqrt(1 - abar)
-    if s.prediction_type == "v_prediction":
+    if sched.prediction_type == "v_prediction":
         return a * out + b * x, a * x - b * out
     return out, (x - b * out) / a
 
 
-def _denoised(s: Schedule, out: jax.Array, x: jax.Array, sigma: jax.Array) -> jax.Array:
+def _denoised(sched: Schedule, out: jax.Array, x: jax.Array, sigma: jax.Array) -> jax.Array:
     """Karras et al.'s denoiser D(x; sigma) for x = x0 + sigma eps (the UNet saw x / sqrt(sigma^2+1))."""
-    if s.prediction_type == "v_prediction":
+    if sched.prediction_type == "v_prediction":
         return out * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
     return x - sigma * out
 
@@ -365,76 +413,76 @@ def _adams_bashforth(e: jax.Array, order: jax.Array) -> jax.Array:
     )
 
 
-def plms_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+def plms_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
     """PLMS (Liu et al. 2022) with the Heun-like warm start of diffusers' skip_prk_steps.
 
     Call 0 takes a plain step t0 -> t1 and remembers x_{t0}; call 1 (same timestep t1 fed to the UNet)
     restarts from x_{t0} with the average of both eps, a 2nd-order step t0 -> t1; later calls use
     Adams-Bashforth of order 2, 3, 4 on the stored eps (call 1's eps is not stored).
     """
-    n, ratio = state.count, s.num_train_timesteps // s.num_inference_steps
+    n, ratio = state.count, sched.num_train_timesteps // sched.num_inference_steps
     warm = n == 1
-    t = s.timesteps[i] + jnp.where(warm, ratio, 0)
+    t = sched.timesteps[i] + jnp.where(warm, ratio, 0)
     t_prev = t - ratio
     history = jnp.where(warm, state.history, _push(state.history, out))
     e = jnp.where(warm, (out + state.history[0]) / 2, _adams_bashforth(history, jnp.clip(n, 1, 4)))
     x_t = jnp.where(warm, state.x_first, x)
-    abar_t = _abar(s, t)
-    if s.prediction_type == "v_prediction":
+    abar_t = _abar(sched, t)
+    if sched.prediction_type == "v_prediction":
         e = jnp.sqrt(abar_t) * e + jnp.sqrt(1 - abar_t) * x_t
-    x_prev = _pndm_transfer(x_t, e, abar_t, _abar(s, t_prev))
+    x_prev = _pndm_transfer(x_t, e, abar_t, _abar(sched, t_prev))
     return x_prev, State(history, jnp.where(n == 0, x, state.x_first), n + 1)
 
 
-def ddim_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+def ddim_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
     """Song et al. 2021, eq. (12) with sigma_t = eta * sqrt((1-abar_prev)/(1-abar_t)) sqrt(1-abar_t/abar_prev) (eq. 16)."""
-    abar_t, abar_prev = _abar(s, s.timesteps[i]), _abar(s, s.prev_timesteps[i])
-    eps, x0 = _eps_x0(s, out, x, abar_t)
-    sigma = s.eta * jnp.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    abar_t, abar_prev = _abar(sched, sched.timesteps[i]), _abar(sched, sched.prev_timesteps[i])
+    eps, x0 = _eps_x0(sched, out, x, abar_t)
+    sigma = sched.eta * jnp.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
     x_prev = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1 - abar_prev - sigma**2) * eps
-    if s.eta > 0:
-        x_prev = x_prev + sigma * _gaussian(key, noise, x, s.name)
+    if sched.eta > 0:
+        x_prev = x_prev + sigma * _gaussian(key, noise, x, sched.name)
     return x_prev, state.replace(count=state.count + 1)
 
 
-def ddpm_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+def ddpm_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
     """Ho et al. 2020: sample the posterior q(x_{t-1} | x_t, x0) (eqs. 6-7) with the "fixed small" variance beta~_t."""
-    t = s.timesteps[i]
-    abar_t, abar_prev = _abar(s, t), _abar(s, s.prev_timesteps[i])
+    t = sched.timesteps[i]
+    abar_t, abar_prev = _abar(sched, t), _abar(sched, sched.prev_timesteps[i])
     alpha_t = abar_t / abar_prev
     beta_t = 1 - alpha_t
-    _, x0 = _eps_x0(s, out, x, abar_t)
+    _, x0 = _eps_x0(sched, out, x, abar_t)
     mean = (jnp.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 + (jnp.sqrt(alpha_t) * (1 - abar_prev) / (1 - abar_t)) * x
     beta_tilde = jnp.maximum((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
-    z = _gaussian(key, noise, x, s.name)
+    z = _gaussian(key, noise, x, sched.name)
     return mean + jnp.where(t > 0, jnp.sqrt(beta_tilde), 0.0) * z, state.replace(count=state.count + 1)
 
 
-def euler_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+def euler_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
     """Karras et al. 2022, Alg. 1 without the 2nd-order correction: x += (x - D(x)) / sigma * (sigma_next - sigma)."""
-    sigma = s.sigmas[i]
-    d = (x - _denoised(s, out, x, sigma)) / sigma
-    return x + d * (s.sigmas[i + 1] - sigma), state.replace(count=state.count + 1)
+    sigma = sched.sigmas[i]
+    d = (x - _denoised(sched, out, x, sigma)) / sigma
+    return x + d * (sched.sigmas[i + 1] - sigma), state.replace(count=state.count + 1)
 
 
-def euler_ancestral_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+def euler_ancestral_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
     """Euler ancestral (k-diffusion): Euler to sigma_down, then add sigma_up fresh noise,
     sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2, sigma_down^2 = sigma_next^2 - sigma_up^2."""
-    sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
+    sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
     sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
     sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
-    d = (x - _denoised(s, out, x, sigma)) / sigma
-    x_prev = x + d * (sigma_down - sigma) + _gaussian(key, noise, x, s.name) * sigma_up
+    d = (x - _denoised(sched, out, x, sigma)) / sigma
+    x_prev = x + d * (sigma_down - sigma) + _gaussian(key, noise, x, sched.name) * sigma_up
     return x_prev, state.replace(count=state.count + 1)
 
 
-def lms_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+def lms_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
     """Linear multistep on the probability-flow ODE dx/dsigma = (x - D(x)) / sigma (k-diffusion `sample_lms`):
     x_next = x + sum_k c[i, k] d_{i-k}, c from integrating Lagrange polynomials (`_lms_coefficients`).
     Missing history (first steps, or a start mid-schedule) contributes zero, as in diffusers."""
-    sigma = s.sigmas[i]
-    history = _push(state.history, (x - _denoised(s, out, x, sigma)) / sigma)
-    x_prev = x + jnp.tensordot(s.lms_coeffs[i], history, axes=1)
+    sigma = sched.sigmas[i]
+    history = _push(state.history, (x - _denoised(sched, out, x, sigma)) / sigma)
+    x_prev = x + jnp.tensordot(sched.lms_coeffs[i], history, axes=1)
     return x_prev, State(history, state.x_first, state.count + 1)
 
 
@@ -444,17 +492,17 @@ def _alpha_sigma(sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
     return alpha, sigma * alpha
 
 
-def dpmpp_2m_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
+def dpmpp_2m_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
     """DPM-Solver++(2M), Lu et al. 2022, Alg. 2 (midpoint form), in lambda = log(alpha_t / sigma_t):
     x_t = (sigma_t/sigma_s) x - alpha_t (e^{-h} - 1) (D0 + D1/2), D0 = x0_s, D1 = (x0_s - x0_prev) / r, r = h_prev / h.
     First order (DPM-Solver++1 = DDIM) on the first call after init_state and at the last step."""
-    alpha_s, sigma_s = _alpha_sigma(s.sigmas[i])
-    alpha_t, sigma_t = _alpha_sigma(s.sigmas[i + 1])
-    alpha_p, sigma_p = _alpha_sigma(s.sigmas[jnp.maximum(i - 1, 0)])
+    alpha_s, sigma_s = _alpha_sigma(sched.sigmas[i])
+    alpha_t, sigma_t = _alpha_sigma(sched.sigmas[i + 1])
+    alpha_p, sigma_p = _alpha_sigma(sched.sigmas[jnp.maximum(i - 1, 0)])
     lam_s = jnp.log(alpha_s) - jnp.log(sigma_s)
     lam_t = jnp.log(alpha_t) - jnp.log(sigma_t)
     lam_p = jnp.log(alpha_p) - jnp.log(sigma_p)
-    if s.prediction_type == "v_prediction":
+    if sched.prediction_type == "v_prediction":
         x0 = alpha_s * x - sigma_s * out
     else:
         x0 = (x - sigma_s * out) / alpha_s
@@ -462,20 +510,123 @@ def dpmpp_2m_step(s: Schedule, state: State, out, i, x, key=None, noise=None):
     first = sigma_t / sigma_s * x - alpha_t * (jnp.exp(-h) - 1.0) * x0
     d1 = (x0 - state.history[0]) / ((lam_s - lam_p) / h)
     second = first - 0.5 * (alpha_t * (jnp.exp(-h) - 1.0)) * d1
-    use_second = (state.count >= 1) & (i < s.num_calls - 1)
+    use_second = (state.count >= 1) & (i < sched.num_calls - 1)
     return jnp.where(use_second, second, first), State(_push(state.history, x0), state.x_first, state.count + 1)
 
 
-_STEPS = {
-    "pndm": plms_step,
-    "ddim": ddim_step,
-    "euler": euler_step,
-    "euler_a": euler_ancestral_step,
-    "dpmpp_2m": dpmpp_2m_step,
-    "dpmpp_2m_karras": dpmpp_2m_step,
-    "lms": lms_step,
-    "ddpm": ddpm_step,
+def _unscaled_input(sched: Schedule, x: jax.Array, i) -> jax.Array:
+    return x
+
+
+def _unit_noise_sigma(sched: Schedule) -> jax.Array:
+    return jnp.float32(1.0)
+
+
+def _karras_input(sched: Schedule, x: jax.Array, i) -> jax.Array:
+    """Karras et al. 2022, Table 1: c_in = 1 / sqrt(sigma^2 + 1) (sigma_data = 1)."""
+    return x / jnp.sqrt(sched.sigmas[i] ** 2 + 1)
+
+
+def _karras_noise_sigma(sched: Schedule) -> jax.Array:
+    sigma_max = jnp.max(sched.sigmas)
+    # diffusers' rule, kept for parity: sqrt(sigma_max^2 + 1) with "leading" spacing, sigma_max with the others.
+    return jnp.sqrt(sigma_max**2 + 1) if sched.timestep_spacing == "leading" else sigma_max
+
+
+def _alpha_add_noise(sched: Schedule, x0: jax.Array, noise: jax.Array, i) -> jax.Array:
+    return ddpm_add_noise(sched.alphas_cumprod, x0, noise, sched.timesteps[i])
+
+
+def _karras_add_noise(sched: Schedule, x0: jax.Array, noise: jax.Array, i) -> jax.Array:
+    return x0 + noise * _bcast(sched.sigmas[i], x0)
+
+
+def _vp_add_noise(sched: Schedule, x0: jax.Array, noise: jax.Array, i) -> jax.Array:
+    alpha, sigma = _alpha_sigma(_bcast(sched.sigmas[i], x0))
+    return alpha * x0 + sigma * noise
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSpace:
+    """How a sampler's latents x relate to (x0, eps) at call i, and the three rules that follow from it."""
+
+    scale_model_input: Callable[[Schedule, jax.Array, Any], jax.Array]  # (sched, x [*x], i) -> UNet input [*x]
+    init_noise_sigma: Callable[[Schedule], jax.Array]  # (sched) -> [] std of the initial latents x at call 0
+    add_noise: Callable[[Schedule, jax.Array, jax.Array, Any], jax.Array]  # (sched, x0, noise, i) -> x at call i
+
+
+# x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at integer t (Ho et al. 2020, eq. 4): the UNet sees x_t itself.
+_ALPHA_T = NoiseSpace(_unscaled_input, _unit_noise_sigma, _alpha_add_noise)
+# x = x0 + sigma eps (Karras et al. 2022): the UNet sees x / sqrt(sigma^2 + 1), i.e. the x_t above.
+_KARRAS_SIGMA = NoiseSpace(_karras_input, _karras_noise_sigma, _karras_add_noise)
+# x_t = alpha_t x0 + sigma_t eps, alpha_t^2 + sigma_t^2 = 1 (Lu et al. 2022), sigmas stored as Karras sigmas.
+_VP_SIGMA = NoiseSpace(_unscaled_input, _unit_noise_sigma, _vp_add_noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """One registry entry: everything sdjax knows about a sampler (see `SAMPLERS`)."""
+
+    name: str  # sdjax's name: `create(name, ...)`, `--scheduler name`
+    tables: Callable[[SchedulerConfig, int, np.ndarray], Tables]  # (config, steps, abar [T]) -> numpy tables
+    step: Callable[..., tuple[jax.Array, State]]  # (sched, state, model_output, i, x, key, noise) -> (x, state)
+    space: NoiseSpace  # UNet input scaling ("scale-in"), initial noise std, add_noise
+    a1111: str  # AUTOMATIC1111's sampler name (PNG infotext "Sampler: ..."), unique
+    diffusers_class: str  # the diffusers scheduler it reproduces (`_class_name` of a scheduler_config.json)
+    # Config values that select this entry among those with the same diffusers_class (the most specific wins).
+    diffusers_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    history: int = 0  # K: rows of State.history the step keeps (past eps, derivatives or x0)
+    keeps_first: bool = False  # State.x_first holds the latents of the first call (PLMS warm start)
+    takes_eta: bool = False  # accepts eta != 0 (DDIM's stochasticity)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    entry.name: entry
+    for entry in (
+        # history: the eps of the last 4 calls (Adams-Bashforth of order <= 4).
+        Sampler("pndm", _plms_tables, plms_step, _ALPHA_T, "PLMS", "PNDMScheduler", history=4, keeps_first=True),
+        Sampler("ddim", _ddim_tables, ddim_step, _ALPHA_T, "DDIM", "DDIMScheduler", takes_eta=True),
+        Sampler("euler", _sigma_tables, euler_step, _KARRAS_SIGMA, "Euler", "EulerDiscreteScheduler"),
+        Sampler("euler_a", _sigma_tables, euler_ancestral_step, _KARRAS_SIGMA, "Euler a",
+                "EulerAncestralDiscreteScheduler"),
+        # history: the previous call's x0 (2nd-order multistep). algorithm_type / solver_order are not checked:
+        # a DPMSolverMultistepScheduler config gets DPM++ 2M whatever they say.
+        Sampler("dpmpp_2m", _dpm_tables, dpmpp_2m_step, _VP_SIGMA, "DPM++ 2M", "DPMSolverMultistepScheduler",
+                history=1),
+        Sampler("dpmpp_2m_karras", _dpm_karras_tables, dpmpp_2m_step, _VP_SIGMA, "DPM++ 2M Karras",
+                "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, history=1),
+        # history: the derivatives (x - D(x)) / sigma of the last 4 calls.
+        Sampler("lms", _lms_tables, lms_step, _KARRAS_SIGMA, "LMS", "LMSDiscreteScheduler", history=4),
+        Sampler("ddpm", _ddpm_tables, ddpm_step, _ALPHA_T, "DDPM", "DDPMScheduler"),
+    )
 }
+
+
+def __getattr__(attr: str) -> Any:
+    # SCHEDULER_NAMES, the sampler names in registry order, is derived from SAMPLERS on each access (PEP 562),
+    # so it never disagrees with the registry, even about an entry added at run time (e.g. by a test).
+    if attr == "SCHEDULER_NAMES":
+        return tuple(SAMPLERS)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def sampler(name: str) -> Sampler:
+    """The registry entry of sampler `name`; ValueError listing the known names for any other name."""
+    try:
+        return SAMPLERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown scheduler name={name!r}; allowed: {', '.join(SAMPLERS)}") from None
+
+
+def from_diffusers_config(config: Mapping[str, Any], default: str = "pndm") -> str:
+    """The sampler a diffusers scheduler config asks for: the entry with its `_class_name` whose
+    `diffusers_config` values it all has, the most specific one winning (DPMSolverMultistepScheduler with
+    use_karras_sigmas=True -> "dpmpp_2m_karras", without -> "dpmpp_2m"); `default` (Stable Diffusion v1.5's
+    own sampler) for a class no entry reproduces."""
+    cls = config.get("_class_name")
+    matches = [entry for entry in SAMPLERS.values() if entry.diffusers_class == cls
+               and all(config.get(k) == v for k, v in entry.diffusers_config.items())]
+    return max(matches, key=lambda entry: len(entry.diffusers_config)).name if matches else default
 
 
 def step(schedule: Schedule, state: State, model_output, i, x, key=None, noise=None) -> tuple[jax.Array, State]:
@@ -484,26 +635,22 @@ def step(schedule: Schedule, state: State, model_output, i, x, key=None, noise=N
     key: PRNG key, used only by stochastic samplers (euler_a, ddim with eta > 0, ddpm); noise: optional
     explicit standard-normal noise [*x] replacing the draw from key.
     """
-    return _STEPS[schedule.name](schedule, state, model_output, i, x, key, noise)
+    return sampler(schedule.name).step(schedule, state, model_output, i, x, key, noise)
 
 
 def add_noise(schedule: Schedule, x0: jax.Array, noise: jax.Array, i) -> jax.Array:
     """Noises clean latents x0 [B, ...] to the level of call index i ([] or [B], may be traced),
     like diffusers' `scheduler.add_noise(x0, noise, timesteps[i])`."""
-    if schedule.name in _KARRAS_SIGMA:
-        return x0 + noise * _bcast(schedule.sigmas[i], x0)
-    if schedule.name in _DPM:
-        alpha, sigma = _alpha_sigma(_bcast(schedule.sigmas[i], x0))
-        return alpha * x0 + sigma * noise
-    return ddpm_add_noise(schedule.alphas_cumprod, x0, noise, schedule.timesteps[i])
+    return sampler(schedule.name).space.add_noise(schedule, x0, noise, i)
 
 
 def first_call_index(schedule: Schedule, strength):
     """Call index where img2img / inpainting starts for `strength` in [0, 1] (1 = from pure noise).
 
     As diffusers' StableDiffusionImg2ImgPipeline.get_timesteps: init = min(int(N * strength), N),
-    t_start = max(N - init, 0), start = t_start * scheduler.order (order is 1 for all samplers here; for
-    "pndm" the remaining calls are then num_calls - start, including the duplicated call). The initial
+    t_start = max(N - init, 0), start = t_start * scheduler.order, and diffusers' order is 1 for every
+    scheduler reproduced here, so start = t_start (for "pndm" the remaining calls are then num_calls - start,
+    including the duplicated call). The initial
     latents are add_noise(schedule, x0, noise, start) and the loop runs i = start .. num_calls-1 from a
     fresh init_state (multistep samplers restart their history there, as diffusers does).
 
@@ -515,9 +662,9 @@ def first_call_index(schedule: Schedule, strength):
     """
     n = schedule.num_inference_steps
     if isinstance(strength, (int, float)):
-        return max(n - min(int(n * strength), n), 0) * schedule.order
+        return max(n - min(int(n * strength), n), 0)
     init = jnp.minimum(jnp.floor(n * jnp.asarray(strength, jnp.float32) * (1 + 1e-6)).astype(jnp.int32), n)
-    return jnp.maximum(n - init, 0) * schedule.order
+    return jnp.maximum(n - init, 0)
 
 
 def ddpm_add_noise(alphas_cumprod: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:

@@ -78,7 +78,7 @@ def max_err(a, b) -> float:
 
 def tokenizer():
     """The SD1.5 CLIP tokenizer as a transformers object (built from the vocabulary sdjax ships)."""
-    from sdjax.io import ClipTokenizer
+    from sdjax.tokenizer import ClipTokenizer
 
     return ClipTokenizer.sd15().hf
 

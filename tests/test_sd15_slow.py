@@ -65,7 +65,7 @@ def test_sd15_clip_parity(tmp_path):
     cfg = CLIPConfig.sd15()
     torch_model = ref.text_encoder(cfg.to_transformers(), seed=22)
     _, params = checkpoint.load(ref.save(torch_model, tmp_path / "te"), "text_encoder")
-    from sdjax.io import ClipTokenizer
+    from sdjax.tokenizer import ClipTokenizer
 
     tok = ClipTokenizer.sd15()
     ids = tok(["a photo of an astronaut riding a horse on mars", "a watercolor of a fox in the snow"])

@@ -1,4 +1,4 @@
-"""Tests of sdjax.io.ClipTokenizer: known ids, padding, truncation, and folder round trips."""
+"""Tests of sdjax.tokenizer.ClipTokenizer: known ids, padding, truncation, and folder round trips."""
 
 import json
 import re
@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from sdjax import io
+from sdjax import tokenizer as tok
 
 ASTRONAUT = "a photo of an astronaut riding a horse on mars"
 ASTRONAUT_IDS = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407]
@@ -39,7 +39,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def sd15():
     """The tokenizer built from the vocabulary shipped with sdjax."""
-    return io.ClipTokenizer.sd15()
+    return tok.ClipTokenizer.sd15()
 
 
 def _encode_quietly(tokenizer, prompts):
@@ -57,7 +57,7 @@ def _hf_reference(tokenizer, prompts):
 
 def test_vocab_sizes():
     """The derived vocabulary has CLIP's 49,408 tokens and 48,894 merges, specials at the end."""
-    vocab, merges = io.clip_vocab_and_merges()
+    vocab, merges = tok.clip_vocab_and_merges()
     assert len(vocab) == 49408 and len(merges) == 48894
     assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
 
@@ -92,18 +92,18 @@ def test_saved_tokenizer_json_folder(sd15, tmp_path):
     """A tokenizer saved by transformers (tokenizer.json) loads and matches sd15() on varied prompts."""
     sd15.hf.save_pretrained(tmp_path)
     assert (tmp_path / "tokenizer.json").is_file()
-    loaded = io.ClipTokenizer.from_folder(tmp_path)
+    loaded = tok.ClipTokenizer.from_folder(tmp_path)
     assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.max_length) == (49406, 49407, 49407, 77)
     np.testing.assert_array_equal(_encode_quietly(loaded, PROMPTS), _encode_quietly(sd15, PROMPTS))
 
 
 def test_vocab_merges_folder(sd15, tmp_path):
     """An older-style folder with hand-written vocab.json + merges.txt matches sd15()."""
-    vocab, merges = io.clip_vocab_and_merges()
+    vocab, merges = tok.clip_vocab_and_merges()
     (tmp_path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
     (tmp_path / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    loaded = io.ClipTokenizer.from_folder(tmp_path)
+    loaded = tok.ClipTokenizer.from_folder(tmp_path)
     assert len(loaded.hf) == 49408 and loaded.max_length == 77
     np.testing.assert_array_equal(_encode_quietly(loaded, PROMPTS), _encode_quietly(sd15, PROMPTS))
 
@@ -138,14 +138,19 @@ def test_no_warning_at_exactly_77(sd15):
 
 
 def test_load_tokenizer_prefers_folder(sd15, tmp_path):
-    """load_tokenizer uses model/tokenizer when present (here with pad '!', as SD2), else sd15()."""
-    assert io.load_tokenizer(tmp_path).pad_id == 49407
+    """load_tokenizer uses model/tokenizer when present (here with pad '!', as SD2), else sd15() with a warning
+    naming the folder."""
+    with pytest.warns(UserWarning, match=r"no tokenizer/ folder; using the SD1\.5 CLIP tokenizer") as record:
+        assert tok.load_tokenizer(tmp_path).pad_id == 49407
+    assert str(tmp_path) in str(record[0].message)
     sd15.hf.save_pretrained(tmp_path / "tokenizer")
     config_path = tmp_path / "tokenizer" / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["pad_token"] = "!"
     config_path.write_text(json.dumps(config))
-    loaded = io.load_tokenizer(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a folder with a tokenizer/ loads without the fallback warning
+        loaded = tok.load_tokenizer(tmp_path)
     assert loaded.pad_id == 0
     assert loaded(["a"])[0, :4].tolist() == [49406, 320, 49407, 0]
 
@@ -153,4 +158,4 @@ def test_load_tokenizer_prefers_folder(sd15, tmp_path):
 def test_from_folder_without_files(tmp_path):
     """A folder without tokenizer files is an error naming it."""
     with pytest.raises(FileNotFoundError, match=str(tmp_path.name)):
-        io.ClipTokenizer.from_folder(tmp_path)
+        tok.ClipTokenizer.from_folder(tmp_path)

@@ -1,5 +1,6 @@
-"""sdjax.train: the loss falls, base params stay untouched, SIGKILL/SIGTERM + resume is bitwise exact, one step on
-8 simulated devices equals one on 1 device; optimizer, min-SNR weights, checkpoints, signals and the CLI parser.
+"""sdjax.train and sdjax.train_step: the loss falls, base params stay untouched, SIGKILL/SIGTERM + resume is
+bitwise exact, one step on 8 simulated devices equals one on 1 device; optimizer, min-SNR weights, the LoRA side
+branch, checkpoints, signals and the CLI parser.
 
 The runs share one small model (the tiny test UNet with two levels, to keep compiling short), one synthetic
 data set (coloured circles and squares with captions) and one XLA cache (subprocesses reuse the compiled step).
@@ -24,7 +25,7 @@ import optax
 import pytest
 from PIL import Image, ImageDraw
 
-from sdjax import data, lora, pipeline, schedulers, train
+from sdjax import cli, data, lora, pipeline, schedulers, train, train_step
 from sdjax.unet import UNetConfig
 from tests import reference as ref
 
@@ -38,11 +39,11 @@ FLAGS = ["--rank", "8", "--lr", "3e-3", "--warmup-steps", "10", "--steps", str(S
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 
 
-def config(**overrides) -> train.TrainConfig:
+def config(**overrides) -> train_step.TrainConfig:
     base = {"rank": 8, "alpha": 8, "lr": 3e-3, "warmup_steps": 10, "steps": STEPS, "batch_size": 8, "resolution": 64,
             "crop": "random", "random_flip": True, "targets": TARGETS, "seed": 0, "checkpoint_every": 10,
             "keep_last": 3}
-    return train.TrainConfig(**{**base, **overrides})
+    return train_step.TrainConfig(**{**base, **overrides})
 
 
 def make_shapes(folder: Path) -> Path:
@@ -96,9 +97,9 @@ def env_with(cache_dir: str, **extra: str) -> dict[str, str]:
 
 CLI = textwrap.dedent("""
     import argparse, sys
-    from sdjax import train
+    from sdjax import cli
     parser = argparse.ArgumentParser(prog="sdjax")
-    train.add_train_lora_parser(parser.add_subparsers(required=True))
+    cli.add_train_lora_parser(parser.add_subparsers(required=True))
     args = parser.parse_args(sys.argv[1:])
     sys.exit(args.run(args))
 """)
@@ -186,20 +187,20 @@ DATA_PARALLEL = textwrap.dedent("""
     import sys
     import jax
     import numpy as np
-    from sdjax import data, pipeline, train
+    from sdjax import data, pipeline, train, train_step
 
     folder, shapes, out = sys.argv[1:4]
     assert jax.device_count() == 8
-    cfg = train.TrainConfig(rank=4, lr=1e-3, batch_size=8, resolution=32, dtype="float32", crop="random",
-                            random_flip=True, min_snr_gamma=5.0, prediction_type="v_prediction",
-                            targets=("unet", "^unet/conv_out/kernel$"))
+    cfg = train_step.TrainConfig(rank=4, lr=1e-3, batch_size=8, resolution=32, dtype="float32", crop="random",
+                                 random_flip=True, min_snr_gamma=5.0, prediction_type="v_prediction",
+                                 targets=("unet", "^unet/conv_out/kernel$"))
     batch, _ = next(data.ImageCaptionDataset(shapes, 32, crop="random", random_flip=True).batches(8))
     results = {}
     for name, devices in (("eight", jax.devices()), ("one", jax.devices()[:1])):
         pipe = pipeline.load_pipeline(folder, dtype="float32", devices=devices, compilation_cache="off")
-        opt = train.make_optimizer(cfg)
+        opt = train_step.make_optimizer(cfg)
         state = train.initial_state(cfg, pipe, opt)
-        step = train.make_train_step(pipe.models, cfg, opt, pipe.mesh, pipe.scheduler_config)
+        step = train_step.make_train_step(pipe.models, cfg, opt, pipe.mesh, pipe.scheduler_config)
         lo, _, metrics = step(state.lora, state.opt_state, pipe.params, train._device_batch(batch, pipe),
                               jax.random.key(7))
         results[name + "_loss"] = np.asarray(metrics["loss"])
@@ -228,11 +229,11 @@ def test_one_step_on_eight_devices_equals_one_device(model, shapes, tmp_path):
 
 
 def test_make_optimizer_warmup_cosine_clipping_accumulation():
-    cfg = train.TrainConfig(lr=1.0, warmup_steps=10, steps=110, grad_accum=3, max_grad_norm=1.0, weight_decay=0.0)
-    lr = train.learning_rate(cfg)
+    cfg = train_step.TrainConfig(lr=1.0, warmup_steps=10, steps=110, grad_accum=3, max_grad_norm=1.0, weight_decay=0.0)
+    lr = train_step.learning_rate(cfg)
     assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == pytest.approx(1.0)
     assert float(lr(60)) == pytest.approx(0.5, abs=1e-6) and float(lr(110)) == pytest.approx(0.0, abs=1e-7)
-    opt = train.make_optimizer(train.TrainConfig(lr=1.0, steps=110, grad_accum=3, weight_decay=0.0))
+    opt = train_step.make_optimizer(train_step.TrainConfig(lr=1.0, steps=110, grad_accum=3, weight_decay=0.0))
     params = {"w": jnp.zeros(3)}
     state = opt.init(params)
     for i in range(3):
@@ -248,11 +249,11 @@ def test_min_snr_weights():
     ac = jnp.asarray(schedulers.alphas_cumprod(schedulers.SchedulerConfig()))
     t = jnp.array([0, 100, 500, 999])
     snr = np.asarray(schedulers.snr(ac, t))
-    np.testing.assert_allclose(train.snr_weights(ac, t, "epsilon", 5.0), np.minimum(snr, 5) / snr, rtol=1e-6)
-    np.testing.assert_allclose(train.snr_weights(ac, t, "v_prediction", 5.0), np.minimum(snr, 5) / (snr + 1),
+    np.testing.assert_allclose(train_step.snr_weights(ac, t, "epsilon", 5.0), np.minimum(snr, 5) / snr, rtol=1e-6)
+    np.testing.assert_allclose(train_step.snr_weights(ac, t, "v_prediction", 5.0), np.minimum(snr, 5) / (snr + 1),
                                rtol=1e-6)
-    np.testing.assert_array_equal(train.snr_weights(ac, t, "epsilon", None), np.ones(4))
-    w = np.asarray(train.snr_weights(ac, t, "epsilon", 5.0))
+    np.testing.assert_array_equal(train_step.snr_weights(ac, t, "epsilon", None), np.ones(4))
+    w = np.asarray(train_step.snr_weights(ac, t, "epsilon", 5.0))
     assert w[0] < 0.01 and w[-1] == pytest.approx(1.0)  # low noise (high snr) down-weighted
 
 
@@ -261,7 +262,7 @@ def test_branch_and_merge_give_the_same_loss(model):
     with every up factor nonzero, a skipped or misplaced entry would change the loss."""
     pipe = pipeline.load_pipeline(model, compilation_cache="off")
     cfg = config(targets=("unet_full", r"^unet/conv_(in|out)/kernel$"), rank=2)
-    lo = train.init_lora(cfg, pipe.params, jax.random.key(1))
+    lo = train_step.init_lora(cfg, pipe.params, jax.random.key(1))
     lo = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(2), a.shape), lo)
     rng = np.random.default_rng(0)
     batch = {"latents": rng.normal(size=(2, 4, 4, 4)).astype(np.float32),
@@ -270,11 +271,36 @@ def test_branch_and_merge_give_the_same_loss(model):
 
     @functools.partial(jax.jit, static_argnums=0)
     def loss(mode, lo):
-        return train.diffusion_loss(pipe.models, pipe.params, batch, jax.random.key(3), ac, "epsilon", None, lo, mode)
+        return train_step.diffusion_loss(pipe.models, pipe.params, batch, jax.random.key(3), ac, "epsilon", None, lo,
+                                         mode)
 
-    base = float(loss("merge", train.init_lora(cfg, pipe.params, jax.random.key(1))))
+    base = float(loss("merge", train_step.init_lora(cfg, pipe.params, jax.random.key(1))))
     branch, merged = float(loss("branch", lo)), float(loss("merge", lo))
     assert abs(branch - merged) <= 1e-5 * abs(merged) and abs(merged - base) > 1e-2
+
+
+def test_branch_raises_on_a_lora_path_that_matches_no_module(model):
+    """A Dense entry whose path names no module of the UNet would silently do nothing in the side branch."""
+    pipe = pipeline.load_pipeline(model, compilation_cache="off")
+    lo = train_step.init_lora(config(targets=("unet",), rank=2), pipe.params, jax.random.key(1))
+    real = lo.targets[0]
+    ghost = real._replace(path=real.path.rsplit("/", 2)[0] + "/to_nowhere/kernel", module="ghost")
+    lo = lora.LoRA({**lo.weights, ghost.path: lo.weights[real.path]}, (*lo.targets, ghost))
+    batch = {"latents": np.zeros((1, 4, 4, 4), np.float32), "context": np.zeros((1, 77, 32), np.float32)}
+    ac = jnp.asarray(schedulers.alphas_cumprod(pipe.scheduler_config))
+
+    def loss(lo, mode):  # traced only (jax.eval_shape): the check runs while tracing
+        return train_step.diffusion_loss(pipe.models, pipe.params, batch, jax.random.key(0), ac, "epsilon", None, lo,
+                                         mode)
+
+    with pytest.raises(ValueError, match="1 unet entries.*to_nowhere") as err:
+        jax.eval_shape(functools.partial(loss, mode="branch"), lo)
+    assert real.path not in str(err.value)
+    without = lora.LoRA({t.path: lo.weights[t.path] for t in lo.targets[:-1]}, lo.targets[:-1])
+    jax.eval_shape(functools.partial(loss, mode="branch"), without)  # every entry applied: no error
+    unet = functools.partial(pipe.models.unet.apply, {"params": pipe.params["unet"]})
+    with pytest.raises(lora.LoRAError, match="to_nowhere"), lora.branch(lo, "unet"):  # the context manager alone
+        jax.eval_shape(unet, jnp.zeros((1, 4, 4, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, 32)))
 
 
 def small_state(value: float) -> train.TrainState:
@@ -284,7 +310,7 @@ def small_state(value: float) -> train.TrainState:
 
 
 def test_checkpoints_keep_last_and_skip_unfinished_or_broken(tmp_path):
-    cfg = train.TrainConfig()
+    cfg = train_step.TrainConfig()
     ckpt = train.Checkpointer(tmp_path / "ck", keep_last=2)
     for v in (1, 2, 3):
         ckpt.save(small_state(v), cfg)
@@ -317,22 +343,22 @@ def test_stop_signals_defer_sigterm():
 
 def test_cli_parser_builds_the_config():
     parser = argparse.ArgumentParser(prog="sdjax")
-    train.add_train_lora_parser(parser.add_subparsers())
+    cli.add_train_lora_parser(parser.add_subparsers())
     args = parser.parse_args(["train-lora", "--data", "d", "--model", "m", "--out", "o", "--rank", "16",
                               "--steps", "7", "--min-snr-gamma", "5", "--cache-latents", "mean", "--grad-accum", "2",
                               "--targets", "unet+te", "--format", "kohya", "--sample-prompt", "a cat"])
-    cfg = train.config_from_args(args)
+    cfg = cli.config_from_args(args)
     assert (cfg.rank, cfg.alpha, cfg.steps, cfg.min_snr_gamma, cfg.cache_latents, cfg.grad_accum) == \
         (16, 16, 7, 5.0, "mean", 2)
     assert cfg.targets == ("unet+te",) and cfg.lora_format == "kohya" and cfg.sample_prompts == ("a cat",)
     assert args.run is train.run_train_lora
-    assert len(train.target_patterns(cfg.targets)) == len(lora.TARGET_SETS["unet+te"])
+    assert len(train_step.target_patterns(cfg.targets)) == len(lora.TARGET_SETS["unet+te"])
 
 
 def test_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="random crops and flips"):
-        train.TrainConfig(cache_latents="mean", random_flip=True)
+        train_step.TrainConfig(cache_latents="mean", random_flip=True)
     with pytest.raises(ValueError, match="prediction_type"):
-        train.TrainConfig(prediction_type="sample")
+        train_step.TrainConfig(prediction_type="sample")
     with pytest.raises(ValueError, match="grad_accum"):
-        train.TrainConfig(grad_accum=0)
+        train_step.TrainConfig(grad_accum=0)
