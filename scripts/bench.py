@@ -125,7 +125,6 @@ class SdjaxWorker:
         import jax.numpy as jnp
         import numpy as np
 
-        from sdjax import sampling
 
         jax, pipe, a = self.jax, self.pipe, self.a
         m = pipe.models
@@ -669,7 +668,7 @@ def format_table(res) -> str:
     m = res["machine"]
     head = (f"sdjax vs torch (diffusers {m.get('diffusers')}): {a['size']}x{a['size']}, {a['steps']} steps, "
             f"batch {a['batch']}, {a['dtype']}, scheduler {a['scheduler'] or 'checkpoint default (pndm)'}")
-    lines = [head, f"| metric | sdjax | torch | sdjax/torch |", "|---|---:|---:|---:|"]
+    lines = [head, "| metric | sdjax | torch | sdjax/torch |", "|---|---:|---:|---:|"]
     for name, row in res["summary"].items():
         def f(v):
             if v is None:

@@ -2,7 +2,7 @@
 
     python scripts/compile_table.py --json bench_cache/compile_table.json [--targets tpu:v5e-8,gpu:h100x8 ...]
 
-Every number comes from `sdjax.compile_check` (compile-only devices, full SD1.5 shapes). Per-device memory is
+Every number comes from `sdjax.aot.compile_check` (compile-only devices, full SD1.5 shapes). Per-device memory is
 affine in the batch per device (replicated params, batch-sharded activations), so each (target, job) is compiled
 at 1 and 2 images per device, the line through those two points gives the largest batch per device that fits,
 and that batch is compiled once more to confirm it (stepping down until it fits). Each compile takes minutes on
@@ -23,7 +23,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 
-from sdjax import compile_check, targets  # noqa: E402
+from sdjax import aot, targets  # noqa: E402
 
 TARGETS = ("tpu:v5e-1", "tpu:v5e-8", "tpu:v4-8", "tpu:v6e-8", "gpu:h100x8", "gpu:a100-40gbx8")
 JOBS = ("txt2img", "train-lora")
@@ -33,14 +33,14 @@ CAP = 64  # per device: a ceiling for the search
 def run(job: str, target: str, per_device: int, size: int) -> dict:
     n = targets.parse(target).num_devices
     try:
-        r = compile_check.compile_check(job, target, model="sd15", size=size, batch=per_device * n,
+        r = aot.compile_check(job, target, model="sd15", size=size, batch=per_device * n,
                                         dtype="bfloat16", steps=50, lora_rank=8)
     except Exception as err:  # noqa: BLE001 -- the TPU compiler refuses a program larger than HBM
-        if "memory" not in str(err).lower() and "RESOURCE_EXHAUSTED" not in str(err):
-            raise
-        print(f"  {job} {target} batch/device {per_device}: out of memory at compile time", flush=True)
+        oom = "memory" in str(err).lower() or "RESOURCE_EXHAUSTED" in str(err)
+        why = "out of memory at compile time" if oom else f"does not compile: {str(err)[:300]}"
+        print(f"  {job} {target} batch/device {per_device}: {why}", flush=True)
         return {"per_device": per_device, "bytes": None, "fits": False, "compile_s": None,
-                "capacity": targets.parse(target).memory_bytes}
+                "capacity": targets.parse(target).memory_bytes, "error": None if oom else str(err)[:300]}
     print(f"  {job} {target} batch/device {per_device}: {r.per_device_bytes / 2**30:.2f} GiB "
           f"({'fits' if r.fits else 'does not fit'}), compile {r.compile_s:.0f} s", flush=True)
     return {"per_device": per_device, "bytes": r.per_device_bytes, "fits": r.fits, "compile_s": r.compile_s,
@@ -98,8 +98,11 @@ def markdown(rows: dict, size: int) -> str:
         cells = []
         for job in JOBS:
             r = rows.get(f"{target} {job} {size}")
-            cells.append("-" if r is None else f"{r['max_per_device']} ({r.get('bytes_at_max', 0) / 2**30:.1f} "
-                         f"of {r['runs'][0]['capacity'] / 2**30:.1f})")
+            if r is None or not r["max_per_device"]:
+                cells.append("-" if r is None else "none")
+                continue
+            most = f"{r['max_per_device']}+" if r["max_per_device"] >= CAP else str(r["max_per_device"])
+            cells.append(f"{most} ({r['bytes_at_max'] / 2**30:.1f} of {r['runs'][0]['capacity'] / 2**30:.1f})")
         t = rows.get(f"{target} txt2img {size}")
         cells.append("-" if t is None else f"{t['runs'][0]['compile_s']:.0f}")
         lines.append(f"| {target} | " + " | ".join(cells) + " |")

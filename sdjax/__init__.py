@@ -6,11 +6,13 @@
     result.images[0].save("astronaut.png")
 """
 
-from sdjax import xla_flags as _xla_flags  # noqa: F401  (first: process settings before JAX starts)
-from sdjax.checkpoint import load as load_component, save as save_component
+from sdjax.aot import compile_check
+from sdjax.checkpoint import load as load_component
+from sdjax.checkpoint import save as save_component
 from sdjax.clip import CLIPConfig, TextEncoder
 from sdjax.io import resolve_model
-from sdjax.pipeline import Generation, Pipeline, enable_compilation_cache, load_pipeline
+from sdjax.pipeline import Generation, Pipeline, load_pipeline
+from sdjax.process import enable_compilation_cache
 from sdjax.schedulers import SCHEDULER_NAMES
 from sdjax.tokenizer import ClipTokenizer, load_tokenizer
 from sdjax.unet import UNet, UNetConfig
@@ -20,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLIPConfig", "ClipTokenizer", "Generation", "Pipeline", "SCHEDULER_NAMES", "TextEncoder", "UNet", "UNetConfig",
-    "VAE", "VAEConfig", "enable_compilation_cache", "load_component", "load_pipeline", "load_tokenizer",
+    "VAE", "VAEConfig", "compile_check", "enable_compilation_cache", "load_component", "load_pipeline", "load_tokenizer",
     "resolve_model", "save_component",
 ]

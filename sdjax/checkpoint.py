@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ def load(folder: str | os.PathLike, kind: str, *, dtype: Any = "float32", varian
     folder = Path(folder)
     config = k.parse(io.read_json(folder / "config.json"))
     files = io.find_weights(folder, k.stem, variant=variant)
-    state = io.LazyTensors(files)  # one tensor in host memory at a time
+    state: Mapping[str, np.ndarray] = io.LazyTensors(files)  # one tensor in host memory at a time
     if k.prefixes:
         state = convert.strip_prefixes(state, k.prefixes)
     source = ", ".join(str(f) for f in files)

@@ -14,9 +14,9 @@ import re
 import secrets
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sdjax import convert, images, pipeline, pngmeta
+from sdjax import convert, images, pipeline, pngmeta, process
 from sdjax.layers import IMPLEMENTATIONS
 from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED
 from sdjax.schedulers import SCHEDULER_NAMES
@@ -272,11 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return _exit_code(exit_)
+    process.tune_malloc()  # the CLI's process settings; the library leaves the process alone
     try:
         return args.run(args)
     except UsageError as err:
         try:
-            args.parser.error(str(err))
+            cast(argparse.ArgumentParser, args.parser).error(str(err))  # error() raises SystemExit
         except SystemExit as exit_:
             return _exit_code(exit_)
     except KeyboardInterrupt:
@@ -285,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def add_compile_check(sub: argparse._SubParsersAction) -> None:
-    from sdjax import compile_check, targets
+    from sdjax import aot, targets
 
     p = sub.add_parser("compile-check", help="compile a job for a TPU/GPU target without the hardware",
                        description="Compiles a job's jitted function for compile-only TPU/GPU devices from parameter "
@@ -294,10 +295,10 @@ def add_compile_check(sub: argparse._SubParsersAction) -> None:
                                    "Exit status 1 when it does not compile or does not fit.")
     p.add_argument("--target", action="append", default=None, choices=targets.names(), metavar="TARGET",
                    help="repeatable; one of: " + ", ".join(targets.names()) + " (default: tpu:v5e-8)")
-    p.add_argument("--job", action="append", default=None, choices=compile_check.JOBS,
-                   help="repeatable; one of: " + ", ".join(compile_check.JOBS) + " (default: txt2img)")
+    p.add_argument("--job", action="append", default=None, choices=aot.JOBS,
+                   help="repeatable; one of: " + ", ".join(aot.JOBS) + " (default: txt2img)")
     p.add_argument("--model", default="sd15", metavar="NAME_OR_FOLDER",
-                   help=f"one of {', '.join(compile_check.MODELS)} or a diffusers folder with the config files "
+                   help=f"one of {', '.join(aot.MODELS)} or a diffusers folder with the config files "
                         "(default: %(default)s; inpaint uses sd15-inpaint unless a folder is given)")
     p.add_argument("--size", default=512, type=_int_at_least(64, 4096), help="image size (default: %(default)s)")
     p.add_argument("--batch", default=None, type=_int_at_least(1, 4096),
@@ -320,7 +321,7 @@ def run_compile_check(args: argparse.Namespace) -> int:
     jax.config.update("jax_platforms", "cpu")
     # libtpu takes a machine-wide lock unless told otherwise; compile-only devices need no exclusive chip.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from sdjax import compile_check
+    from sdjax import aot
 
     if args.size % 64:
         raise UsageError(f"--size must be a multiple of 64, got {args.size}")
@@ -329,9 +330,9 @@ def run_compile_check(args: argparse.Namespace) -> int:
         for job in args.job or ["txt2img"]:
             model = "sd15-inpaint" if job == "inpaint" and args.model == "sd15" else args.model
             try:
-                report = compile_check.compile_check(job, target, model=model, size=args.size, batch=args.batch,
-                                                     dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
-                                                     attention=args.attention, lora_rank=args.lora_rank)
+                report = aot.compile_check(job, target, model=model, size=args.size, batch=args.batch,
+                                           dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
+                                           attention=args.attention, lora_rank=args.lora_rank)
             except ValueError as err:
                 raise UsageError(str(err)) from None
             except Exception as err:  # noqa: BLE001 -- XLA's compile errors come as several types; report each
@@ -342,7 +343,7 @@ def run_compile_check(args: argparse.Namespace) -> int:
             reports.append(report)
             status = status or (0 if report.fits else 1)
     if args.json:
-        compile_check.write_json(reports, args.json)
+        aot.write_json(reports, args.json)
     return status
 
 
@@ -414,16 +415,16 @@ def check_loras(specs: Sequence[str]) -> list[tuple[str, float]]:
     return out
 
 
-def load(args: argparse.Namespace) -> Any:
+def load(args: argparse.Namespace, loras: Sequence[tuple[str, float]] = ()) -> Any:
     """Loads the pipeline (and merges --lora files); raises LoadError with the loader's message on failure."""
     try:
         pipe = pipeline.load_pipeline(args.model, dtype=args.dtype, variant=args.variant,
-                                      compilation_cache=args.cache_dir)
+                                      compilation_cache=args.cache_dir or process.default_cache_dir())
     except (OSError, ValueError) as err:
         raise LoadError(f"could not load --model {args.model!r}: {err}") from err
-    if args.lora:
+    if loras:
         try:
-            pipe.set_loras(check_loras(args.lora))
+            pipe.set_loras(list(loras))
         except (OSError, ValueError) as err:
             raise LoadError(f"could not apply --lora: {err}") from err
     return pipe
@@ -495,13 +496,13 @@ def _validate_with_image(args: argparse.Namespace, image) -> tuple[Any, int, int
 def _generate(args: argparse.Namespace, request: Any, call: Callable, extra: dict | None = None) -> int:
     """Loads the model, runs `call(pipe, batch_slice, common_kwargs)` per batch, writes numbered PNGs."""
     out = check_out_dir(args.out)
-    check_loras(args.lora)
+    loras = check_loras(args.lora)  # read before the model loads
     try:
-        pipe = load(args)
+        pipe = load(args, loras)
     except LoadError as err:
         return fail(str(err))
-    if args.lora:
-        extra = {**(extra or {}), "LoRA": ", ".join(f"{pathlib.Path(p).stem}:{s:g}" for p, s in check_loras(args.lora))}
+    if loras:
+        extra = {**(extra or {}), "LoRA": ", ".join(f"{pathlib.Path(p).stem}:{s:g}" for p, s in loras)}
     written: list[pathlib.Path] = []
     batch = args.batch_size or len(request.seeds)
     for start in range(0, len(request.seeds), batch):

@@ -5,14 +5,15 @@ Every error names the component and the field, says what the file has and what s
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any, NoReturn
 
 
 class UnsupportedConfigError(ValueError):
     """A config.json asks for an architecture sdjax does not implement."""
 
 
-def _fail(component: str, field: str, value: Any, allowed: str) -> None:
+def _fail(component: str, field: str, value: Any, allowed: str) -> NoReturn:
     raise UnsupportedConfigError(
         f"{component} config field '{field}' = {value!r} is not supported by sdjax (supported: {allowed})")
 

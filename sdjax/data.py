@@ -27,8 +27,9 @@ import dataclasses
 import hashlib
 import json
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -121,8 +122,8 @@ def read_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            upright = ImageOps.exif_transpose(img)
+            return upright.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImageError(f"cannot read image {str(path)!r}: {e}") from e
 

@@ -10,7 +10,8 @@ Images resize with Lanczos, masks with bilinear filtering, so soft (grey) masks 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -97,7 +98,7 @@ def prepare_images(images: ImageLike | Sequence[ImageLike], height: int | None, 
     """-> (float32 [B, height, width, 3] in [0, 1], height, width)."""
     arrays = [image_to_array(img) for img in _as_list(images, "images")]
     height, width = output_size(arrays[0], height, width, multiple)
-    return np.stack([fit(a, height, width, Image.LANCZOS) for a in arrays]), height, width
+    return np.stack([fit(a, height, width, Image.Resampling.LANCZOS) for a in arrays]), height, width
 
 
 def prepare_masks(masks: ImageLike | Sequence[ImageLike], images: ImageLike | Sequence[ImageLike],
@@ -114,5 +115,5 @@ def prepare_masks(masks: ImageLike | Sequence[ImageLike], images: ImageLike | Se
         if m.shape != tuple(size):
             raise ValueError(f"masks[{i}] is {m.shape[1]}x{m.shape[0]} but images[{i}] is {size[1]}x{size[0]}; "
                              "a mask must have its image's size")
-        out.append(fit(m, height, width, Image.BILINEAR))
+        out.append(fit(m, height, width, Image.Resampling.BILINEAR))
     return np.stack(out)

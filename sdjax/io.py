@@ -347,7 +347,7 @@ def _read_tensor(f, path: pathlib.Path, key: str, entry: dict[str, Any], data_st
     """Reads one tensor from an open file into a new array."""
     array = np.empty([int(n) for n in entry["shape"]], dtype=ST_DTYPES[entry["dtype"]])
     f.seek(data_start + int(entry["data_offsets"][0]))
-    if array.nbytes and f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+    if array.nbytes and f.readinto(array.reshape(-1).view(np.uint8).data) != array.nbytes:
         raise SafetensorsError(f"{str(path)!r} is truncated: could not read all of {key!r}.")
     return array
 
@@ -376,7 +376,7 @@ def write_safetensors(tensors: Mapping[str, Any], path: PathLike, metadata: Mapp
         f.write(raw)
         for key in order:
             if arrays[key].nbytes:
-                f.write(memoryview(np.ascontiguousarray(arrays[key]).reshape(-1).view(np.uint8)))
+                f.write(np.ascontiguousarray(arrays[key]).reshape(-1).view(np.uint8).data)
 
 
 def _little_endian(array: np.ndarray) -> np.ndarray:

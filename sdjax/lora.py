@@ -72,8 +72,7 @@ _FILE_API = ("FORMATS", "METADATA_KEY", "apply_files", "from_state_dict", "kohya
              "parse_spec", "save", "to_state_dict")
 
 if TYPE_CHECKING:
-    from sdjax.lora_files import (FORMATS, METADATA_KEY, apply_files, from_state_dict, kohya_name, ldm_module,
-                                  load, parse_spec, save, to_state_dict)
+    pass
 
 
 def __getattr__(name: str) -> Any:
@@ -260,7 +259,7 @@ def _flat(params: Mapping) -> dict[str, Any]:
 def _replace(params: Mapping, updates: Mapping[str, Any]) -> dict:
     """A copy of the nested dicts along the updated paths; every other leaf and subtree is the same object."""
     out = dict(params)
-    children = collections.defaultdict(dict)
+    children: collections.defaultdict[str, dict[str, Any]] = collections.defaultdict(dict)
     for path, value in updates.items():
         head, _, rest = path.partition("/")
         if rest:

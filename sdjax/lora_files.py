@@ -24,7 +24,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +211,8 @@ def _name_table(params: Mapping, configs, kohya: bool) -> dict[str, tuple[str, s
         component = path.split("/")[0]
         if kohya:
             names[kohya_name(component, module)] = (path, module)
-            ldm = ldm_module(module, ucfg) if component == "unet" else None
+            # a unet module implies "unet" in params, so ucfg is set
+            ldm = ldm_module(module, cast(UNetConfig, ucfg)) if component == "unet" else None
             if ldm:
                 names["lora_unet_" + ldm.replace(".", "_")] = (path, module)
         else:
@@ -250,6 +251,8 @@ def _from_torch(parts: Mapping[str, tuple[str, np.ndarray]], kernel: tuple[int, 
     (a_key, a), (b_key, b) = parts["down"], parts["up"]
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     rank = a.shape[0] if a.ndim else 0
+    want_a: tuple[int, ...]
+    want_b: tuple[int, ...]
     if len(kernel) == 4:
         kh, kw, cin, cout = kernel
         want_a, want_b = (rank, cin, kh, kw), (cout, rank, 1, 1)

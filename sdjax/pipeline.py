@@ -8,15 +8,16 @@ import functools
 import os
 import secrets
 import sys
-from pathlib import Path
-from typing import Any, Sequence
+import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from sdjax import checkpoint, convert, io, parallel, sampling, schedulers
+from sdjax import checkpoint, convert, io, parallel, process, sampling, schedulers
 from sdjax import images as sdimages
 from sdjax.clip import TextEncoder
 from sdjax.layers import IMPLEMENTATIONS
@@ -32,23 +33,6 @@ SD15_SCHEDULER = {
     "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
     "prediction_type": "epsilon", "timestep_spacing": "leading", "clip_sample": False,
 }
-
-
-def enable_compilation_cache(folder: str | os.PathLike | None = None) -> Path | None:
-    """Turns on JAX's persistent compilation cache so a second process skips compiling.
-
-    folder: defaults to $SDJAX_CACHE_DIR or ~/.cache/sdjax/xla; "" or "off" turns it off.
-    """
-    if folder is None:
-        folder = os.environ.get("SDJAX_CACHE_DIR", Path.home() / ".cache" / "sdjax" / "xla")
-    if str(folder) in ("", "off"):
-        return None
-    path = Path(folder).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
 
 
 @dataclasses.dataclass
@@ -265,7 +249,7 @@ JOBS = {
 
 
 def jit_job(models: sampling.Models, mesh, job: str):
-    """The jitted function of a generation job (one of JOBS), as the pipeline runs it and `compile_check`
+    """The jitted function of a generation job (one of JOBS), as the pipeline runs it and `aot.compile_check`
     compiles it: (params, schedule, batch, guidance_scale[, first], *, use_cfg, progress, **static) ->
     (pixels, final latents), both sharded over the mesh's batch axis."""
     return jax.jit(functools.partial(JOBS[job].fn, models), static_argnames=("use_cfg", "progress", *JOBS[job].static),
@@ -386,6 +370,8 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
                   compilation_cache: str | os.PathLike | None = None, attention: str | None = None) -> Pipeline:
     """A diffusers-format folder or hub id -> Pipeline with params of `dtype` replicated on every device.
 
+    compilation_cache: a folder for JAX's persistent compilation cache (`process.enable_compilation_cache`, a
+    process-wide setting); None leaves the process's setting as it is ("off" or "" too).
     attention: one of `layers.IMPLEMENTATIONS` for every attention layer; None chooses per layer for the
     devices' platform (`layers.AttentionConfig`)."""
     dtype = convert.parse_dtype(dtype)
@@ -393,12 +379,18 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
         raise ValueError(f"attention={attention!r} is not one of {', '.join(IMPLEMENTATIONS)} (or None: chosen "
                          "per layer for the devices)")
     folder = io.resolve_model(path_or_id, variant=variant)
-    enable_compilation_cache(compilation_cache)
+    if compilation_cache is not None:
+        process.enable_compilation_cache(compilation_cache)
     cfgs, params = {}, {}
     for kind in ("text_encoder", "unet", "vae"):
         cfgs[kind], params[kind] = checkpoint.load(folder / kind, kind, dtype=dtype, variant=variant)
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    sched = io.read_json(sched_path) if sched_path.exists() else dict(SD15_SCHEDULER)
+    if sched_path.exists():
+        sched = io.read_json(sched_path)
+    else:
+        warnings.warn(f"{folder} has no scheduler/scheduler_config.json: using SD1.5's (PNDM, scaled-linear betas)",
+                      stacklevel=2)
+        sched = dict(SD15_SCHEDULER)
     models = sampling.Models(TextEncoder(cfgs["text_encoder"], dtype=dtype), UNet(cfgs["unet"], dtype=dtype),
                              VAE(cfgs["vae"], dtype=dtype))
     mesh = parallel.make_mesh(devices)

@@ -13,7 +13,8 @@ the position in the batch or the number of devices.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +51,12 @@ class Models:
         implementation overrides the choice for every layer (None keeps the models' own override, if any)."""
         implementation = implementation or self.unet.attention.implementation
         config = AttentionConfig.for_mesh(mesh, implementation)
-        return Models(*(m.clone(attention=config) for m in (self.text_encoder, self.unet, self.vae)))
+        return Models(self.text_encoder.clone(attention=config), self.unet.clone(attention=config),
+                      self.vae.clone(attention=config))
 
     def astype(self, dtype: Any) -> Models:
         """The same models computing in `dtype` (params are cast separately)."""
-        return Models(*(m.clone(dtype=dtype) for m in (self.text_encoder, self.unet, self.vae)))
+        return Models(self.text_encoder.clone(dtype=dtype), self.unet.clone(dtype=dtype), self.vae.clone(dtype=dtype))
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:

@@ -146,7 +146,7 @@ def _dpm_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
     """DPMSolverMultistepScheduler's spacing: n+1 grid points with the last (t=0) dropped, int."""
     T = config.num_train_timesteps
     if config.timestep_spacing == "leading":
-        ts = (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + config.steps_offset
+        ts: np.ndarray = (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + config.steps_offset
     elif config.timestep_spacing == "trailing":
         ts = np.round(np.arange(T, 0, -T / n)) - 1
     else:
@@ -321,7 +321,7 @@ def create(name: str, config: SchedulerConfig, num_inference_steps: int, eta: fl
     tables = entry.tables(config, n, abar)
     ts = tables.timesteps
     if tables.final_alpha_cumprod is not None:
-        final = tables.final_alpha_cumprod
+        final: float | np.floating = tables.final_alpha_cumprod
     else:
         final = np.float32(1.0) if config.set_alpha_to_one else abar[0]
     lms = tables.lms_coeffs if tables.lms_coeffs is not None else np.zeros((len(ts), 0), np.float32)
@@ -442,7 +442,7 @@ def ddim_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
     x_prev = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1 - abar_prev - sigma**2) * eps
     if sched.eta > 0:
         x_prev = x_prev + sigma * _gaussian(key, noise, x, sched.name)
-    return x_prev, state.replace(count=state.count + 1)
+    return x_prev, dataclasses.replace(state, count=state.count + 1)
 
 
 def ddpm_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
@@ -455,14 +455,14 @@ def ddpm_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
     mean = (jnp.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 + (jnp.sqrt(alpha_t) * (1 - abar_prev) / (1 - abar_t)) * x
     beta_tilde = jnp.maximum((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
     z = _gaussian(key, noise, x, sched.name)
-    return mean + jnp.where(t > 0, jnp.sqrt(beta_tilde), 0.0) * z, state.replace(count=state.count + 1)
+    return mean + jnp.where(t > 0, jnp.sqrt(beta_tilde), 0.0) * z, dataclasses.replace(state, count=state.count + 1)
 
 
 def euler_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
     """Karras et al. 2022, Alg. 1 without the 2nd-order correction: x += (x - D(x)) / sigma * (sigma_next - sigma)."""
     sigma = sched.sigmas[i]
     d = (x - _denoised(sched, out, x, sigma)) / sigma
-    return x + d * (sched.sigmas[i + 1] - sigma), state.replace(count=state.count + 1)
+    return x + d * (sched.sigmas[i + 1] - sigma), dataclasses.replace(state, count=state.count + 1)
 
 
 def euler_ancestral_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):
@@ -473,7 +473,7 @@ def euler_ancestral_step(sched: Schedule, state: State, out, i, x, key=None, noi
     sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
     d = (x - _denoised(sched, out, x, sigma)) / sigma
     x_prev = x + d * (sigma_down - sigma) + _gaussian(key, noise, x, sched.name) * sigma_up
-    return x_prev, state.replace(count=state.count + 1)
+    return x_prev, dataclasses.replace(state, count=state.count + 1)
 
 
 def lms_step(sched: Schedule, state: State, out, i, x, key=None, noise=None):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -135,7 +135,7 @@ def parse(name: str) -> Target:
     raise ValueError(f"target {name!r} is not known; choose one of {', '.join(names())}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _devices(name: str) -> tuple[jax.Device, ...]:
     from jax.experimental import topologies
 
@@ -173,5 +173,5 @@ def cudnn_version() -> tuple[int, int, int]:
     return (9, 8, 0)
 
 
-def describe(devices: Sequence[jax.Device]) -> str:
+def describe(devices: Sequence[jax.Device] | np.flatiter) -> str:
     return f"{len(devices)} x {devices[0].device_kind}"

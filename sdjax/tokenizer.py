@@ -12,6 +12,7 @@ import gzip
 import pathlib
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -35,7 +36,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's vocabulary (49,408 tokens) and BPE merges (48,894), derived from the shipped BPE file."""
     lines = gzip.decompress(CLIP_VOCAB_PATH.read_bytes()).decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    # each merge line holds two symbols
+    merges = cast("list[tuple[str, str]]", [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]])
     byte_chars = list(_bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [CLIP_BOS, CLIP_EOS]
     return {token: i for i, token in enumerate(tokens)}, merges
@@ -61,7 +63,8 @@ class ClipTokenizer:
         from transformers import CLIPTokenizer
 
         vocab, merges = clip_vocab_and_merges()
-        hf = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=CLIP_EOS,
+        # transformers annotates merges as list[str]; its tokenizers BPE takes the (a, b) pairs passed here
+        hf = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=CLIP_EOS,  # type: ignore[arg-type]
                            model_max_length=CLIP_MAX_LENGTH)
         return cls(hf, CLIP_MAX_LENGTH)
 

@@ -27,8 +27,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Self, Sequence
+from typing import Any, Literal, Self
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +38,19 @@ import orbax.checkpoint as ocp
 
 from sdjax import data, parallel, sampling
 from sdjax import lora as lora_lib
+
 # TrainConfig, make_optimizer and make_train_step are also used as train.X (scripts/lora_memory.py).
-from sdjax.train_step import (TAG_INIT, TAG_POSTERIOR, TAG_STEPS, TrainConfig, init_lora, learning_rate,
-                              make_optimizer, make_train_step, merge)
+from sdjax.train_step import (
+    TAG_INIT,
+    TAG_POSTERIOR,
+    TAG_STEPS,
+    TrainConfig,
+    init_lora,
+    learning_rate,
+    make_optimizer,
+    make_train_step,
+    merge,
+)
 from sdjax.vae import VAE
 
 
@@ -136,7 +147,7 @@ class StopSignals:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         return False
@@ -355,6 +366,9 @@ def run_train_lora(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"sdjax train-lora: error: {e}", file=sys.stderr)
         return 2
+    from sdjax import process
+
+    process.enable_compilation_cache()  # on by default for the CLI ($SDJAX_CACHE_DIR or ~/.cache/sdjax/xla)
     try:
         result = train_lora(args.data, args.model, args.out, cfg, resume=not args.no_resume,
                             progress=False if args.no_progress else None)

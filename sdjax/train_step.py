@@ -29,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -213,7 +214,7 @@ def _latents(models: sampling.Models, params: dict, batch: dict, keys: jax.Array
 
 
 def make_train_step(models: sampling.Models, cfg: TrainConfig, optimizer: optax.GradientTransformation,
-                    mesh, scheduler_config: schedulers.SchedulerConfig) -> Callable:
+                    mesh, scheduler_config: schedulers.SchedulerConfig) -> jax.stages.Wrapped:
     """`train_step(lora, opt_state, base_params, batch, key) -> (lora, opt_state, metrics)`, jitted once.
 
     The batch is sharded over the mesh's "data" axis, everything else replicated; lora and opt_state buffers
@@ -235,4 +236,16 @@ def make_train_step(models: sampling.Models, cfg: TrainConfig, optimizer: optax.
 
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     return jax.jit(step, donate_argnums=(0, 1), in_shardings=(rep, rep, rep, shard, rep),
-                   out_shardings=(rep, rep, rep))
+                   out_shardings=(rep, rep, rep), compiler_options=compiler_options(mesh))
+
+
+# XLA:GPU (jax 0.10.2) fails to compile the SD1.5 train step at 2+ examples per GPU: "Couldn't find output tile
+# sizes" for a Triton GEMM fusion of the attention projections' backward pass ([8192, 320] bf16 dots). With
+# Triton GEMMs off those dots go to cuBLAS and it compiles (found with `sdjax compile-check --job train-lora
+# --target gpu:h100 --batch 2`). Options are per platform, so they are chosen from the mesh's devices.
+GPU_TRAIN_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def compiler_options(mesh) -> dict[str, Any] | None:
+    platform = mesh.devices.flat[0].platform
+    return dict(GPU_TRAIN_OPTIONS) if platform in ("gpu", "cuda") else None

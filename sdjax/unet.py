@@ -11,8 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sdjax import configs
-from sdjax.layers import (AttentionConfig, Downsample, ResnetBlock, SpatialTransformer, Upsample, conv,
-                          group_norm)
+from sdjax.layers import AttentionConfig, Downsample, ResnetBlock, SpatialTransformer, Upsample, conv, group_norm
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -1,6 +1,6 @@
 import os
 
-# The suite runs on the host CPU; TPU/GPU programs are compiled for compile-only devices (tests/test_compile_check.py),
+# The suite runs on the host CPU; TPU/GPU programs are compiled for compile-only devices (tests/test_aot.py),
 # so the installed TPU and CUDA plugins must not try to start a backend of their own.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu allows one process per machine unless told otherwise; compile-only use needs no exclusive chip.

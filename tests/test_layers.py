@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdjax import layers, xla_flags
+from sdjax import layers
 
 TOL = 1e-4
 
@@ -117,10 +117,3 @@ def test_pallas_tpu_falls_back_off_multiples():
     q = rand((1, 77, 2, 16), 12)
     out = layers.attention(q, q, q, implementation="pallas_tpu")
     assert np.abs(np.asarray(out) - naive(q, q, q)).max() <= TOL
-
-
-def test_merge_xla_flags_respects_user():
-    defaults = ("--xla_a=1", "--xla_b=true")
-    assert xla_flags.merge_flags("", defaults) == "--xla_a=1 --xla_b=true"
-    assert xla_flags.merge_flags("--xla_a=7 --xla_force_host_platform_device_count=8", defaults) == \
-        "--xla_a=7 --xla_force_host_platform_device_count=8 --xla_b=true"

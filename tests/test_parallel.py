@@ -55,4 +55,5 @@ def test_eight_devices_match_one(tiny_sd_folder, tmp_path):
     assert np.abs(r["eight"][0] - r["eight"][1]).mean() > 0.01
     for task in ("i2i", "inp"):
         assert r[f"eight_{task}"].shape == (5, 64, 64, 3)
-        assert np.max(np.abs(r[f"eight_{task}"] - r[f"one_{task}"])) <= 1e-4  # float rounding only: far below one 8-bit level (3.9e-3)
+        # float rounding only: far below one 8-bit level (3.9e-3)
+        assert np.max(np.abs(r[f"eight_{task}"] - r[f"one_{task}"])) <= 1e-4

@@ -14,19 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdjax import cli, compile_check, layers, targets
-from sdjax.compile_check import JOBS
+from sdjax import aot, cli, layers, targets
+from sdjax.aot import JOBS
 
 SIZE = 256
 LONG = 1024  # keys of the tiny UNet's first block at SIZE: (256 / 8) ** 2
 
 
-def check(job: str, target: str, **kw) -> compile_check.Report:
+def check(job: str, target: str, **kw) -> aot.Report:
     model = "tiny-inpaint" if job == "inpaint" else "tiny"
-    return compile_check.compile_check(job, target, model=model, size=SIZE, steps=3, **kw)
+    return aot.compile_check(job, target, model=model, size=SIZE, steps=3, **kw)
 
 
-def kernels(report: compile_check.Report) -> dict[tuple[int, int], set[str]]:
+def kernels(report: aot.Report) -> dict[tuple[int, int], set[str]]:
     """(query length, key length) -> the implementations chosen for layers of those lengths."""
     out: dict[tuple[int, int], set[str]] = {}
     for rec in report.attention:
@@ -66,6 +66,14 @@ def test_gpu_jobs_compile_with_cudnn_attention(job):
     assert "__cudnn$fmhaSoftmax" in report.custom_calls
 
 
+def test_gpu_train_step_compiler_options_follow_the_mesh():
+    from sdjax import train_step
+
+    assert train_step.compiler_options(targets.parse("gpu:h100").mesh()) == {"xla_gpu_enable_triton_gemm": False}
+    assert train_step.compiler_options(targets.parse("tpu:v5e-1").mesh()) is None
+    assert train_step.compiler_options(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))) is None
+
+
 def test_full_precision_gpu_avoids_cudnn_attention():
     report = check("txt2img", "gpu:h100", dtype="float32")
     impls = {(r["k"][1] >= layers.BLOCKED_MIN_KEYS, r["implementation"]) for r in report.attention}
@@ -79,7 +87,7 @@ def test_override_and_report_format(tmp_path):
     assert "tpu_custom_call" not in report.custom_calls
     text = report.format()
     assert "fits" in text and "compile:" in text and "attention" in text and "xla " in text
-    compile_check.write_json([report], tmp_path / "r.json")
+    aot.write_json([report], tmp_path / "r.json")
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved[0]["fits"] is True and saved[0]["per_device_bytes"] == report.per_device_bytes
 
@@ -98,7 +106,7 @@ def test_override_and_report_format(tmp_path):
 def test_bad_arguments_are_named(kwargs, match):
     args = dict(job="txt2img", target="tpu:v5e-1", model="tiny", size=SIZE)
     with pytest.raises(ValueError, match=match):
-        compile_check.compile_check(**{**args, **kwargs})
+        aot.compile_check(**{**args, **kwargs})
 
 
 def test_cli_reports_and_exit_status(tmp_path, capsys, monkeypatch):
