@@ -61,3 +61,17 @@ def put_batch(tree: Any, mesh: Mesh) -> Any:
     sharding = batch_sharded(mesh)
     return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
                         if jax.process_count() > 1 else jax.device_put(jnp.asarray(a), sharding), tree)
+
+
+# XLA:GPU in jax 0.10.2 fails to compile SD1.5 programs with "Couldn't find output tile sizes" for Triton GEMM
+# fusions of the attention projections: txt2img on A100 at any batch, the LoRA train step on H100 from 2 examples
+# per GPU ([512..8192, 320..1280] bf16 dots; found by `sdjax compile-check` on compile-only devices). With Triton
+# GEMMs off those dots go to cuBLAS and every job compiles. Options are per platform, so they are chosen from
+# the mesh's devices, once, where a job is jitted.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
+    """XLA options for programs compiled for `mesh`'s devices (None: XLA's defaults)."""
+    platform = mesh.devices.flat[0].platform
+    return dict(GPU_COMPILER_OPTIONS) if platform in ("gpu", "cuda") else None

@@ -253,7 +253,7 @@ def jit_job(models: sampling.Models, mesh, job: str):
     compiles it: (params, schedule, batch, guidance_scale[, first], *, use_cfg, progress, **static) ->
     (pixels, final latents), both sharded over the mesh's batch axis."""
     return jax.jit(functools.partial(JOBS[job].fn, models), static_argnames=("use_cfg", "progress", *JOBS[job].static),
-                   out_shardings=parallel.batch_sharded(mesh))
+                   out_shardings=parallel.batch_sharded(mesh), compiler_options=parallel.compiler_options(mesh))
 
 
 def _check_strength(strength) -> float:

@@ -236,16 +236,4 @@ def make_train_step(models: sampling.Models, cfg: TrainConfig, optimizer: optax.
 
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     return jax.jit(step, donate_argnums=(0, 1), in_shardings=(rep, rep, rep, shard, rep),
-                   out_shardings=(rep, rep, rep), compiler_options=compiler_options(mesh))
-
-
-# XLA:GPU (jax 0.10.2) fails to compile the SD1.5 train step at 2+ examples per GPU: "Couldn't find output tile
-# sizes" for a Triton GEMM fusion of the attention projections' backward pass ([8192, 320] bf16 dots). With
-# Triton GEMMs off those dots go to cuBLAS and it compiles (found with `sdjax compile-check --job train-lora
-# --target gpu:h100 --batch 2`). Options are per platform, so they are chosen from the mesh's devices.
-GPU_TRAIN_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-
-
-def compiler_options(mesh) -> dict[str, Any] | None:
-    platform = mesh.devices.flat[0].platform
-    return dict(GPU_TRAIN_OPTIONS) if platform in ("gpu", "cuda") else None
+                   out_shardings=(rep, rep, rep), compiler_options=parallel.compiler_options(mesh))

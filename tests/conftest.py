@@ -22,3 +22,19 @@ def tiny_sd_folder(tiny_torch_pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sd") / "model"
     tiny_torch_pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_folder):
+    """The tiny SD pipeline loaded by sdjax, once per test module."""
+    from sdjax import pipeline as sdp
+
+    return sdp.load_pipeline(tiny_sd_folder, compilation_cache="off")
+
+
+@pytest.fixture(scope="module")
+def params(pipe):
+    """`pipe`'s parameters on the host."""
+    import jax
+
+    return jax.device_get(pipe.params)

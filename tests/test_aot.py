@@ -66,12 +66,12 @@ def test_gpu_jobs_compile_with_cudnn_attention(job):
     assert "__cudnn$fmhaSoftmax" in report.custom_calls
 
 
-def test_gpu_train_step_compiler_options_follow_the_mesh():
-    from sdjax import train_step
+def test_compiler_options_follow_the_mesh():
+    from sdjax import parallel
 
-    assert train_step.compiler_options(targets.parse("gpu:h100").mesh()) == {"xla_gpu_enable_triton_gemm": False}
-    assert train_step.compiler_options(targets.parse("tpu:v5e-1").mesh()) is None
-    assert train_step.compiler_options(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))) is None
+    assert parallel.compiler_options(targets.parse("gpu:h100").mesh()) == {"xla_gpu_enable_triton_gemm": False}
+    assert parallel.compiler_options(targets.parse("tpu:v5e-1").mesh()) is None
+    assert parallel.compiler_options(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))) is None
 
 
 def test_full_precision_gpu_avoids_cudnn_attention():

@@ -13,25 +13,7 @@ import pytest
 from flax import traverse_util
 
 from sdjax import lora as L
-from sdjax import pipeline as sdp
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_sd_folder):
-    return sdp.load_pipeline(tiny_sd_folder, compilation_cache="off")
-
-
-@pytest.fixture(scope="module")
-def params(pipe):
-    return jax.device_get(pipe.params)
-
-
-def randomized(lora: L.LoRA, seed: int, std: float = 0.5) -> L.LoRA:
-    """The same LoRA with a random `up` too, so that it changes the model."""
-    rng = np.random.default_rng(seed)
-    weights = {p: {"down": w["down"], "up": jnp.asarray(std * rng.standard_normal(w["up"].shape, np.float32))}
-               for p, w in lora.weights.items()}
-    return lora.replace(weights=weights)
+from tests.reference import randomized
 
 
 def flat(tree) -> dict:

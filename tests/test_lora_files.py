@@ -14,24 +14,13 @@ import pytest
 from sdjax import io, parallel
 from sdjax import lora as L
 from sdjax import lora_files as F
-from sdjax import pipeline as sdp
 from sdjax.unet import UNetConfig
 from tests import reference as ref
-from tests.test_lora import randomized
+from tests.reference import randomized
 
 TOL = 2e-3  # decoded pixels in [0, 1]
 PROMPT = ["a watercolor painting of a fox in the snow"]
 LATENTS = np.random.default_rng(11).standard_normal((1, 8, 8, 4)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_sd_folder):
-    return sdp.load_pipeline(tiny_sd_folder, compilation_cache="off")
-
-
-@pytest.fixture(scope="module")
-def params(pipe):
-    return jax.device_get(pipe.params)
 
 
 def sdjax_pixels(pipe, params) -> np.ndarray:
@@ -45,7 +34,7 @@ def sdjax_pixels(pipe, params) -> np.ndarray:
 
 
 def torch_pixels(torch_pipe) -> np.ndarray:
-    torch_pipe.scheduler = diffusers.DDIMScheduler.from_config(torch_pipe.scheduler.config)
+    torch_pipe.scheduler = ref.torch_scheduler("ddim")
     return torch_pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
                       latents=ref.nchw(LATENTS), output_type="np").images
 

@@ -2,58 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-
-import diffusers
-import jax
 import numpy as np
 import pytest
 
-from sdjax import pipeline as sdp
 from tests import reference as ref
+from tests.reference import PROMPTS, count_compiles, torch_scheduler
 
 TOL = 2e-3  # decoded pixels in [0, 1]
-PROMPTS = ["a photo of an astronaut riding a horse on mars", "a watercolor painting of a fox in the snow"]
 NEGATIVE = ["blurry, low quality", "text, watermark"]
-
-# Always built from SD1.5's scheduler config: a config read back from a previous scheduler carries its
-# options along (e.g. use_karras_sigmas from DPM++ would silently turn Euler into Euler-Karras).
-SD15_TORCH_SCHEDULER_CONFIG = {k: v for k, v in sdp.SD15_SCHEDULER.items() if k != "_class_name"}
-TORCH_SCHEDULERS = {
-    "pndm": lambda c: diffusers.PNDMScheduler.from_config(c),
-    "ddim": lambda c: diffusers.DDIMScheduler.from_config(c),
-    "euler": lambda c: diffusers.EulerDiscreteScheduler.from_config(c),
-    "dpmpp_2m_karras": lambda c: diffusers.DPMSolverMultistepScheduler.from_config(
-        c, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
-}
+SCHEDULERS = ["pndm", "ddim", "euler", "dpmpp_2m_karras"]  # diffusers' references: tests.reference.TORCH_SCHEDULERS
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd_folder):
-    return sdp.load_pipeline(tiny_sd_folder, compilation_cache="off")
-
-
-def torch_scheduler(name: str):
-    return TORCH_SCHEDULERS[name](SD15_TORCH_SCHEDULER_CONFIG)
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Counts XLA backend compilations inside the block."""
-    events = []
-
-    def listener(name, *args, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
-@pytest.mark.parametrize("scheduler", list(TORCH_SCHEDULERS))
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_txt2img_matches_diffusers(scheduler, pipe, tiny_torch_pipe):
     torch_pipe = tiny_torch_pipe
     torch_pipe.scheduler = torch_scheduler(scheduler)

@@ -26,47 +26,14 @@ from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_dis
 
 from sdjax import pngmeta
 from sdjax import schedulers as S
+from tests.reference import SD15_SCHEDULER_CONFIG, TORCH_SCHEDULERS, torch_scheduler
 
 jax.config.update("jax_enable_x64", False)
 
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
-
-TORCH_SCHEDULERS = {
-    "pndm": (diffusers.PNDMScheduler, {}),
-    "ddim": (diffusers.DDIMScheduler, {}),
-    "euler": (diffusers.EulerDiscreteScheduler, {}),
-    "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        diffusers.DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "lms": (diffusers.LMSDiscreteScheduler, {}),
-    "ddpm": (diffusers.DDPMScheduler, {}),
-}
 STOCHASTIC_MODULES = {"euler_a": scheduling_euler_ancestral_discrete, "ddpm": scheduling_ddpm}
 SHAPE = (1, 4, 8, 8)
 STEPS = 30
 TOL = 1e-5
-
-
-def torch_scheduler(name, **overrides):
-    cls, kwargs = TORCH_SCHEDULERS[name]
-    return cls.from_config({**SD15_SCHEDULER_CONFIG, **overrides}, **kwargs)
 
 
 def jax_schedule(name, steps=STEPS, eta=0.0, **overrides):
@@ -367,10 +334,10 @@ def test_config_from_dict_ignores_irrelevant_fields():
 def test_registry_entry_names_its_diffusers_scheduler(name):
     """An entry's diffusers class is the reference these tests hold it to, and that reference's config (what a
     checkpoint's scheduler_config.json holds) selects the entry back."""
-    cls, _ = TORCH_SCHEDULERS[name]
+    cls_name, _ = TORCH_SCHEDULERS[name]
     entry = S.SAMPLERS[name]
-    assert entry.name == name and entry.diffusers_class == cls.__name__
-    assert S.from_diffusers_config({**torch_scheduler(name).config, "_class_name": cls.__name__}) == name
+    assert entry.name == name and entry.diffusers_class == cls_name
+    assert S.from_diffusers_config({**torch_scheduler(name).config, "_class_name": cls_name}) == name
     assert pngmeta.generation_settings({"Sampler": entry.a1111})["scheduler"] == name  # A1111 names unique
 
 
@@ -398,7 +365,7 @@ def euler_karras(monkeypatch):
                                 a1111="Euler Karras", diffusers_config={"use_karras_sigmas": True})
     monkeypatch.setitem(S.SAMPLERS, entry.name, entry)
     # Not part of sdjax: the reference these tests compare the new sampler with.
-    monkeypatch.setitem(TORCH_SCHEDULERS, entry.name, (diffusers.EulerDiscreteScheduler, {"use_karras_sigmas": True}))
+    monkeypatch.setitem(TORCH_SCHEDULERS, entry.name, ("EulerDiscreteScheduler", {"use_karras_sigmas": True}))
     return entry.name
 
 

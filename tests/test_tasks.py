@@ -18,7 +18,7 @@ from PIL import Image
 from sdjax import pipeline as sdp
 from sdjax.unet import UNetConfig
 from tests import reference as ref
-from tests.test_pipeline import PROMPTS, count_compiles, torch_scheduler
+from tests.reference import PROMPTS, count_compiles, torch_scheduler
 
 TOL = 2e-3
 
@@ -55,11 +55,6 @@ def torch_noise(seed: int, b: int, size: int = 64) -> tuple[torch.Generator, np.
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((b, 4, size // 8, size // 8), generator=g)
     return torch.Generator().manual_seed(seed), ref.nhwc(noise)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_sd_folder):
-    return sdp.load_pipeline(tiny_sd_folder, compilation_cache="off")
 
 
 @pytest.fixture(scope="module")
