@@ -138,7 +138,8 @@ class Pipeline:
         None draws random seeds, returned in the result). `latents` [B, h/8, w/8, 4] replaces the seeded
         starting noise (unscaled standard normal, like the reference's `latents=`)."""
         req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
-        return self._generate("txt2img", req, self._batch(req, latents), progress)
+        return self._generate("txt2img", req, self._batch(req, latents), progress, height=req.height,
+                              width=req.width)
 
     def img2img(self, images, prompts: str | Sequence[str], strength: float = 0.8,
                 negative_prompts: str | Sequence[str] | None = None, *, steps: int = 50,
@@ -213,8 +214,6 @@ class Pipeline:
         batch = parallel.put_batch({k: parallel.pad_batch(v, size) for k, v in batch.items()}, self.mesh)
         show = _want_progress(progress)
         args = (jnp.int32(first),) if JOBS[job].from_image else ()
-        if job == "txt2img":
-            static = {"height": req.height, "width": req.width}
         with _progress_bar(self._progress, schedule.num_calls, first, show):
             out, final = self._jitted(job)(self.params, parallel.put_replicated(schedule, self.mesh), batch,
                                            jnp.float32(req.guidance_scale), *args, use_cfg=req.use_cfg,
