@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sdjax import checkpoint, convert, io, layers, parallel, pipeline, sampling, schedulers, targets
 from sdjax.clip import CLIPConfig, TextEncoder
@@ -187,7 +186,8 @@ def abstract_params(configs: dict[str, Any], dtype: Any, sharding) -> dict:
 
 
 def _shaped(tree: Any, sharding) -> Any:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype, sharding=sharding), tree)
+    """Arrays (numpy, jax) or ShapeDtypeStructs -> ShapeDtypeStructs placed by `sharding`."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
 def _lower_generation(job: str, models: sampling.Models, params: dict, schedule: schedulers.Schedule, mesh,
@@ -227,12 +227,8 @@ def _lower_train_step(models: sampling.Models, params: dict, sched_cfg, mesh, ba
     inputs = {"pixels": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=shard),
               "ids": jax.ShapeDtypeStruct((b, TOKENS), jnp.int32, sharding=shard)}
     step = train_step.make_train_step(models, cfg, optimizer, mesh, sched_cfg)
-    return step.lower(_shaped_like(lora, rep), _shaped_like(opt_state, rep), params, inputs,
+    return step.lower(_shaped(lora, rep), _shaped(opt_state, rep), params, inputs,
                       jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
-
-
-def _shaped_like(tree: Any, sharding) -> Any:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
 def _custom_call_targets(hlo_text: str) -> list[str]:
