@@ -299,7 +299,7 @@ def add_compile_check(sub: argparse._SubParsersAction) -> None:
                    help="repeatable; one of: " + ", ".join(aot.JOBS) + " (default: txt2img)")
     p.add_argument("--model", default="sd15", metavar="NAME_OR_FOLDER",
                    help=f"one of {', '.join(aot.MODELS)} or a diffusers folder with the config files "
-                        "(default: %(default)s; inpaint uses sd15-inpaint unless a folder is given)")
+                        "(default: %(default)s; inpaint uses a known name's -inpaint variant)")
     p.add_argument("--size", default=512, type=_int_at_least(64, 4096), help="image size (default: %(default)s)")
     p.add_argument("--batch", default=None, type=_int_at_least(1, 4096),
                    help="images (train-lora: examples) per call over all devices (default: one per device)")
@@ -328,7 +328,9 @@ def run_compile_check(args: argparse.Namespace) -> int:
     reports, status = [], 0
     for target in args.target or ["tpu:v5e-8"]:
         for job in args.job or ["txt2img"]:
-            model = "sd15-inpaint" if job == "inpaint" and args.model == "sd15" else args.model
+            # a known name's 9-channel variant for the inpaint job (sd15 -> sd15-inpaint, tiny -> tiny-inpaint)
+            inpaint_variant = f"{args.model}-inpaint"
+            model = inpaint_variant if job == "inpaint" and inpaint_variant in aot.MODELS else args.model
             try:
                 report = aot.compile_check(job, target, model=model, size=args.size, batch=args.batch,
                                            dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
