@@ -19,6 +19,8 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from sdjax import parallel
+
 Dtype = Any
 
 
@@ -64,9 +66,7 @@ class AttentionConfig:
     @classmethod
     def for_mesh(cls, mesh: Mesh, implementation: str | None = None, axis: str = "data") -> AttentionConfig:
         """The config for programs running on `mesh` (its devices' platform; compile-only devices included)."""
-        platform = mesh.devices.flat[0].platform
-        platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
-        return cls(platform if platform in PLATFORMS else "cpu", implementation, mesh, axis)
+        return cls(parallel.platform(mesh), implementation, mesh, axis)
 
     def choose(self, q_shape: tuple[int, ...], k_shape: tuple[int, ...], dtype: Any) -> str:
         """The implementation a layer with q [B, Lq, H, D], k [B, Lk, H, D] of `dtype` runs (a pure function

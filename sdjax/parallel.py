@@ -71,7 +71,14 @@ def put_batch(tree: Any, mesh: Mesh) -> Any:
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
+def platform(mesh: Mesh) -> str:
+    """"cpu", "gpu" or "tpu": the kind of the mesh's devices (compile-only devices included; CUDA/ROCm -> gpu,
+    anything else unknown -> cpu)."""
+    name = mesh.devices.flat[0].platform
+    name = {"cuda": "gpu", "rocm": "gpu"}.get(name, name)
+    return name if name in ("cpu", "gpu", "tpu") else "cpu"
+
+
 def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
     """XLA options for programs compiled for `mesh`'s devices (None: XLA's defaults)."""
-    platform = mesh.devices.flat[0].platform
-    return dict(GPU_COMPILER_OPTIONS) if platform in ("gpu", "cuda") else None
+    return dict(GPU_COMPILER_OPTIONS) if platform(mesh) == "gpu" else None
