@@ -29,13 +29,12 @@ import json
 import os
 import pathlib
 import re
-import secrets
 from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from sdjax import io, schedulers
+from sdjax import io, schedulers, tempfiles
 
 PathLike = str | os.PathLike
 
@@ -190,7 +189,8 @@ def write_png(path: PathLike, image: Image.Image, parameters: str | None = None,
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text(KEYWORD, parameters)
-    fd, tmp = _create_temp(path)
+    tempfiles.remove_stale(path.parent)  # left by killed runs
+    fd, tmp = tempfiles.create(path)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
@@ -198,20 +198,9 @@ def write_png(path: PathLike, image: Image.Image, parameters: str | None = None,
             os.fsync(f.fileno())
         _publish(tmp, path, exclusive)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tempfiles.release(tmp)
     io.fsync_dir(path.parent)
     return path
-
-
-def _create_temp(path: pathlib.Path) -> tuple[int, str]:
-    """A new hidden temp file beside `path`, with the permissions a plain new file gets (0666 & ~umask)."""
-    while True:
-        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
-        except FileExistsError:
-            continue
 
 
 def _publish(tmp: str, path: pathlib.Path, exclusive: bool) -> None:
