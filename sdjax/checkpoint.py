@@ -14,6 +14,7 @@ import numpy as np
 
 from sdjax import convert, io
 from sdjax.clip import CLIPConfig, TextEncoder
+from sdjax.io import CheckpointError  # raised here; also checkpoint.CheckpointError
 from sdjax.unet import UNet, UNetConfig
 from sdjax.vae import VAE, VAEConfig
 
@@ -49,12 +50,33 @@ def abstract_params(kind: str, config: Any) -> Any:
     return shapes["params"]
 
 
+def read_config(folder: str | os.PathLike, kind: str) -> Any:
+    """A component folder's config.json -> its config (UNetConfig, VAEConfig or CLIPConfig), no weights read.
+
+    Raises FileNotFoundError when the file is missing, CheckpointError naming the file and the field when it is
+    not JSON, not a JSON object, or has a field of the wrong type, out of range or unsupported."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not a model component; use one of {', '.join(KINDS)}")
+    path = Path(folder) / "config.json"
+    try:
+        return KINDS[kind].parse(io.read_json(path))
+    except ValueError as err:  # the parsers' ConfigFieldError / UnsupportedConfigError, read_json's bad JSON
+        message = str(err)
+        raise CheckpointError(message if str(path) in message else f"{path}: {message}") from err
+    except (TypeError, KeyError, AttributeError) as err:  # a shape of value the parsers' checks did not foresee
+        raise CheckpointError(f"{path}: not a valid {kind} config ({type(err).__name__}: {err})") from err
+
+
 def load(folder: str | os.PathLike, kind: str, *, dtype: Any = "float32", variant: str | None = None):
-    """A component folder (config.json + safetensors) -> (config, params), params as jnp arrays of `dtype`."""
+    """A component folder (config.json + safetensors) -> (config, params), params as jnp arrays of `dtype`.
+
+    Everything is checked before any tensor is read: the config (`read_config`), the safetensors files (by the
+    safetensors library), then every tensor's name, dtype (floating point) and shape against the architecture;
+    then each tensor is checked to be finite as it is converted. Errors name the file (and field or tensor)."""
     dtype = convert.parse_dtype(dtype)
     k = KINDS[kind]
     folder = Path(folder)
-    config = k.parse(io.read_json(folder / "config.json"))
+    config = read_config(folder, kind)
     files = io.find_weights(folder, k.stem, variant=variant)
     state: Mapping[str, np.ndarray] = io.LazyTensors(files)  # one tensor in host memory at a time
     if k.prefixes:

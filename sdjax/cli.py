@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from sdjax import convert, images, pipeline, pngmeta, process
 from sdjax.layers import IMPLEMENTATIONS
-from sdjax.pipeline import DEFAULT_MODEL, MAX_SEED
+from sdjax.pipeline import DEFAULT_MODEL, MAX_BATCH, MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_SEED, MAX_SIZE, MAX_STEPS
 from sdjax.schedulers import SCHEDULER_NAMES
 
 DEFAULT_OUT = "outputs"
@@ -40,8 +40,8 @@ class LoadError(Exception):
     """The model could not be loaded (exit 1)."""
 
 
-def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high]."""
+def _int_at_least(low: int, high: int | None = None, note: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]; `note` says why the bound is what it is."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -49,16 +49,18 @@ def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if value < low or (high is not None and value > high):
             allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be an integer {allowed}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be an integer {allowed}{note}, got {value}")
         return value
     return parse
 
 
 def _size(text: str) -> int:
-    """An argparse type: image height or width in pixels, a positive multiple of 8."""
+    """An argparse type: image height or width in pixels, a positive multiple of 8 (its upper bound,
+    MAX_SIZE, is checked after parsing, where --no-limits is known)."""
     value = _int_at_least(1)(text)
     if value % 8:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (at most {MAX_SIZE} without "
+                                         f"--no-limits), got {value}")
     return value
 
 
@@ -105,25 +107,36 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every task that runs the denoising loop (txt2img, img2img, inpaint)."""
     g = p.add_argument_group("sampling")
     g.add_argument("--negative-prompt", default="", type=_text, metavar="TEXT", help="what to steer away from")
-    g.add_argument("--steps", default=50, type=_int_at_least(1), help="denoising steps (default: %(default)s)")
+    g.add_argument("--steps", default=50, type=_int_at_least(1, MAX_STEPS, " (a schedule has at most the "
+                                                                 "scheduler's training timesteps)"),
+                   help=f"denoising steps, at most {MAX_STEPS} (default: %(default)s)")
     g.add_argument("--guidance-scale", default=7.5, type=_finite_float, metavar="CFG",
-                   help="classifier-free guidance scale; <= 1 turns guidance off (default: %(default)s)")
+                   help=f"classifier-free guidance scale, in [-{MAX_GUIDANCE_SCALE:g}, {MAX_GUIDANCE_SCALE:g}]; <= 1 "
+                        "turns guidance off (default: %(default)s)")
     g.add_argument("--seed", default=None, type=_seed,
                    help=f"seed of the first image, in [0, {MAX_SEED}]; image i gets seed+i "
-                        "(default: a random first seed)")
-    g.add_argument("--num-images", default=1, type=_int_at_least(1), metavar="N", help="images to make (default: 1)")
+                        "(mod 2**32) (default: a random first seed)")
+    g.add_argument("--num-images", default=1, type=_int_at_least(1), metavar="N",
+                   help=f"images to make, at most {MAX_IMAGES} (default: 1)")
     g.add_argument("--batch-size", default=None, type=_int_at_least(1), metavar="B",
-                   help="images per device call (default: all at once)")
+                   help=f"images per device call, at most {MAX_BATCH} (default: all at once, {MAX_BATCH} at a time "
+                        "beyond that)")
     g.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
                    help="sampler (default: the checkpoint's own scheduler)")
+    g.add_argument("--no-limits", action="store_true",
+                   help=f"lift the bounds that catch typos: --height/--width (at most {MAX_SIZE}), --num-images "
+                        f"({MAX_IMAGES}), --batch-size ({MAX_BATCH}) and --guidance-scale (+-{MAX_GUIDANCE_SCALE:g}); "
+                        "--steps stays at most the scheduler's training timesteps")
 
 
 def add_size_options(p: argparse.ArgumentParser, default: int | None = 512) -> None:
     """--height/--width; tasks that start from an image default to its size (default=None)."""
     g = p.add_argument_group("size")
     what = f"default: {default}" if default else "default: the input image's, rounded down to a multiple of 8"
-    g.add_argument("--height", default=default, type=_size, help=f"image height in pixels, multiple of 8 ({what})")
-    g.add_argument("--width", default=default, type=_size, help=f"image width in pixels, multiple of 8 ({what})")
+    g.add_argument("--height", default=default, type=_size,
+                   help=f"image height in pixels, multiple of 8, at most {MAX_SIZE} ({what})")
+    g.add_argument("--width", default=default, type=_size,
+                   help=f"image width in pixels, multiple of 8, at most {MAX_SIZE} ({what})")
 
 
 def _strength(text: str) -> float:
@@ -196,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inpaint(sub)
     add_train_lora_parser(sub)
     add_compile_check(sub)
+    add_batch(sub)
     return parser
 
 
@@ -203,41 +217,73 @@ def add_train_lora_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
     """`sdjax train-lora --data DIR --model M --rank R --steps N --out DIR ...` (run with `train.run_train_lora`)."""
     from sdjax import data, train  # the training code (train: the loop, its run_train_lora) is loaded only here
     from sdjax import lora as lora_lib
-    from sdjax.train_step import PREDICTION_TYPES, TrainConfig
+    from sdjax.train_step import MAX_RESOLUTION, PREDICTION_TYPES, TrainConfig
 
     d = TrainConfig()
+
+    def number(low: float, strict: bool) -> Callable[[str], float]:
+        """An argparse type: a finite number > low (strict) or >= low."""
+        def parse(text: str) -> float:
+            value = _finite_float(text)
+            if value < low or (strict and value == low):
+                raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}, "
+                                                 f"got {text}")
+            return value
+        return parse
+
+    def resolution(text: str) -> int:
+        value = _int_at_least(1)(text)
+        if value % 8 or value > MAX_RESOLUTION:
+            raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 in [8, {MAX_RESOLUTION}], got {value}")
+        return value
+
+    def target(text: str) -> str:
+        text = _text(text)
+        if text not in lora_lib.TARGET_SETS:
+            if not text:
+                raise argparse.ArgumentTypeError("an empty pattern would match every kernel")
+            try:
+                re.compile(text)
+            except re.error as err:
+                raise argparse.ArgumentTypeError(f"{text!r} is neither a target set nor a valid regex: {err}") from None
+        return text
+
     p = subparsers.add_parser("train-lora", help="train a LoRA on a folder of captioned images",
                               description="LoRA fine-tuning on images with captions (name.txt beside each image, "
                               "or metadata.jsonl). Resumes from OUT/checkpoints; SIGTERM/Ctrl-C save and stop.")
     p.add_argument("--data", required=True, metavar="DIR", help="folder of images and captions")
     p.add_argument("--model", required=True, metavar="PATH_OR_ID", help="diffusers-format folder or hub id")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoints, samples and the exported LoRA")
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    p.add_argument("--targets", nargs="+", default=None,
+    p.add_argument("--rank", type=_int_at_least(1), default=d.rank)
+    p.add_argument("--alpha", type=number(0, strict=True), default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--targets", nargs="+", default=None, type=target,
                    help=f"a target set ({', '.join(lora_lib.TARGET_SETS)}) or kernel-path regexes (default: unet)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer updates (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 turns clipping off")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--resolution", type=int, default=d.resolution)
+    p.add_argument("--steps", type=_int_at_least(1), default=d.steps, help="optimizer updates (default: %(default)s)")
+    p.add_argument("--lr", type=number(0, strict=True), default=d.lr)
+    p.add_argument("--warmup-steps", type=_int_at_least(0), default=d.warmup_steps, help="at most --steps")
+    p.add_argument("--weight-decay", type=number(0, strict=False), default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=number(0, strict=False), default=d.max_grad_norm,
+                   help="0 turns clipping off")
+    p.add_argument("--grad-accum", type=_int_at_least(1), default=d.grad_accum)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size,
+                   help="global, a multiple of the device count")
+    p.add_argument("--resolution", type=resolution, default=d.resolution,
+                   help=f"a multiple of 8 up to {MAX_RESOLUTION} (default: %(default)s)")
     p.add_argument("--random-crop", action="store_true")
     p.add_argument("--random-flip", action="store_true")
     p.add_argument("--bad-images", choices=data.BAD_IMAGE_POLICIES, default=d.bad_images)
     p.add_argument("--cache-latents", choices=data.CACHE_MODES, default=None)
-    p.add_argument("--min-snr-gamma", type=float, default=None)
+    p.add_argument("--min-snr-gamma", type=number(0, strict=True), default=None)
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=_seed, default=d.seed, help=f"in [0, {MAX_SEED}]")
     p.add_argument("--dtype", default=d.dtype, choices=tuple(convert.DTYPES),
                    help="compute dtype of the frozen model (LoRA and optimizer state stay float32)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--keep-last", type=int, default=d.keep_last)
-    p.add_argument("--sample-every", type=int, default=d.sample_every)
-    p.add_argument("--sample-prompt", action="append", default=None, dest="sample_prompts")
-    p.add_argument("--format", default=d.lora_format, dest="lora_format", help="LoRA export format")
+    p.add_argument("--checkpoint-every", type=_int_at_least(0), default=d.checkpoint_every)
+    p.add_argument("--keep-last", type=_int_at_least(1), default=d.keep_last)
+    p.add_argument("--sample-every", type=_int_at_least(0), default=d.sample_every)
+    p.add_argument("--sample-prompt", action="append", default=None, dest="sample_prompts", type=_text)
+    p.add_argument("--format", default=d.lora_format, dest="lora_format", choices=lora_lib.FORMATS,
+                   help="LoRA export format (default: %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="fail if OUT already has checkpoints")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=train.run_train_lora, parser=p)
@@ -245,21 +291,34 @@ def add_train_lora_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """train_step.TrainConfig from `train-lora`'s arguments (ValueError names the bad setting)."""
-    from sdjax.train_step import TrainConfig
+    """train_step.TrainConfig from `train-lora`'s arguments (ValueError names the bad flag)."""
+    from sdjax.train import cli_flag
+    from sdjax.train_step import ConfigError, TrainConfig
 
-    return TrainConfig(
-        rank=args.rank, alpha=args.rank if args.alpha is None else args.alpha,
-        targets=_targets(args.targets), lr=args.lr, warmup_steps=args.warmup_steps,
-        steps=args.steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
-        grad_accum=args.grad_accum, batch_size=args.batch_size, resolution=args.resolution,
-        crop="random" if args.random_crop else "center", random_flip=args.random_flip, bad_images=args.bad_images,
-        cache_latents=args.cache_latents, min_snr_gamma=args.min_snr_gamma, prediction_type=args.prediction_type,
-        seed=args.seed, dtype=args.dtype, checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
-        sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompts or ()), lora_format=args.lora_format)
+    # The settings that depend on each other, worded with the flags.
+    if args.warmup_steps > args.steps:
+        raise ValueError(f"--warmup-steps: must be <= --steps ({args.steps}), got {args.warmup_steps}: the learning "
+                         "rate would never reach --lr")
+    if args.cache_latents is not None and (args.random_crop or args.random_flip):
+        raise ValueError("--cache-latents: cached latents are computed once, so random crops and flips cannot be "
+                         "applied per epoch: drop --random-crop/--random-flip, or do not cache")
+    try:
+        return TrainConfig(
+            rank=args.rank, alpha=args.rank if args.alpha is None else args.alpha,
+            targets=_targets(args.targets), lr=args.lr, warmup_steps=args.warmup_steps,
+            steps=args.steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
+            grad_accum=args.grad_accum, batch_size=args.batch_size, resolution=args.resolution,
+            crop="random" if args.random_crop else "center", random_flip=args.random_flip,
+            bad_images=args.bad_images, cache_latents=args.cache_latents, min_snr_gamma=args.min_snr_gamma,
+            prediction_type=args.prediction_type, seed=args.seed, dtype=args.dtype,
+            checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, sample_every=args.sample_every,
+            sample_prompts=tuple(args.sample_prompts or ()), lora_format=args.lora_format)
+    except ConfigError as err:  # what the flags' types let through (e.g. a Namespace built by hand)
+        raise ValueError(f"{cli_flag(err.field)}: {err.message}") from None
 
 
 def _targets(values: list[str] | None) -> str | tuple[str, ...]:
+    """--targets' values (None: TrainConfig's default); checked as names or regexes by TrainConfig."""
     from sdjax.train_step import TrainConfig
 
     return tuple(values) if values else TrainConfig.targets
@@ -356,27 +415,74 @@ def _exit_code(exit_: SystemExit) -> int:
 
 def fail(message: str, status: int = 1) -> int:
     """Prints ``sdjax: error: <message>`` on stderr and returns `status`."""
-    print(f"sdjax: error: {message}", file=sys.stderr)
+    print(f"sdjax: error: {_one_line(message)}", file=sys.stderr)
     return status
 
 
+def _one_line(message: str) -> str:
+    """Errors are one line on stderr (loader messages may carry newlines)."""
+    return " ".join(message.split())
+
+
 def check_out_dir(out: str) -> pathlib.Path:
-    """The output folder, checked (not created): not a file, and creatable/writable where it would live."""
-    path = pathlib.Path(out).expanduser()
+    """The output folder, proven writable before the model loads: the folder (and its missing parents) is
+    created and a probe file written in it, then both are removed again, so a run that fails before its first
+    image leaves nothing behind. Trying beats os.access, which says yes to root even on /proc or a read-only mount."""
+    return _probe_dir(out, "--out")
+
+
+def check_cache_dir(cache_dir: str | None) -> None:
+    """--cache-dir: "off"/"" or a folder that can be created and written (checked as --out is); without the
+    flag, the default folder (so a bad $SDJAX_CACHE_DIR is not blamed on --model later)."""
+    if cache_dir is None:
+        _probe_dir(str(process.default_cache_dir()), "--cache-dir (default: $SDJAX_CACHE_DIR or ~/.cache/sdjax/xla)")
+    elif cache_dir not in ("", "off"):
+        _probe_dir(cache_dir, "--cache-dir")
+
+
+def _probe_dir(text: str, flag: str) -> pathlib.Path:
+    import tempfile
+
+    path = pathlib.Path(text).expanduser()
     if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out!r} is a file, not a folder")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"--out {out!r} cannot be created: {str(existing)!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out!r} is not writable ({str(existing)!r} denies writing)")
+        raise UsageError(f"{flag} {text!r} is a file, not a folder")
+    missing = []
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{flag} {text!r} cannot be created: {str(parent)!r} is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".sdjax-probe-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        finally:
+            for folder in missing:  # deepest first: only the folders created here
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+    except OSError as err:
+        raise UsageError(f"{flag} {text!r} is not writable: {err.strerror or err}") from None
     return path
 
 
 _FLAGS = {"negative_prompts": "--negative-prompt", "prompts": "PROMPT", "seeds": "--seed", "steps": "--steps",
-          "guidance_scale": "--guidance-scale", "height": "--height", "width": "--width", "scheduler": "--scheduler"}
+          "guidance_scale": "--guidance-scale", "height": "--height", "width": "--width", "scheduler": "--scheduler",
+          "strength": "--strength", "images": "--image", "masks": "--mask", "num_inference_steps": "--steps"}
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """--num-images and --batch-size against MAX_IMAGES and MAX_BATCH (unless --no-limits)."""
+    if args.no_limits:
+        return
+    for flag, value, bound in (("--num-images", args.num_images, MAX_IMAGES),
+                               ("--batch-size", args.batch_size, MAX_BATCH)):
+        if value is not None and value > bound:
+            raise UsageError(f"{flag}: must be an integer in [1, {bound}], got {value}; --no-limits lifts the bound")
 
 
 def validate_generation(args: argparse.Namespace, prompt: str, height: int, width: int) -> Any:
@@ -386,29 +492,46 @@ def validate_generation(args: argparse.Namespace, prompt: str, height: int, widt
         convert.parse_dtype(args.dtype)
     except ValueError as err:
         raise UsageError(f"--dtype: {err}") from None
+    check_counts(args)
     seed = secrets.randbelow(MAX_SEED + 1) if args.seed is None else args.seed
     try:
+        # the whole run as one request: its count bound is --num-images' (checked above), not one call's
         return pipeline.validate_request([prompt] * args.num_images, args.negative_prompt, seed, args.steps,
-                                         args.guidance_scale, height, width, args.scheduler)
-    except ValueError as err:
+                                         args.guidance_scale, height, width, args.scheduler,
+                                         allow_large=args.no_limits, max_images=MAX_IMAGES)
+    except (TypeError, ValueError) as err:
         raise UsageError(_name_flag(str(err))) from None
 
 
+def _cli_words(message: str) -> str:
+    """The API's names for a bound's lifter and the size arguments -> the CLI's flags."""
+    return message.replace("allow_large=True", "--no-limits").replace("give height and width",
+                                                                        "give --height and --width")
+
+
 def _name_flag(message: str) -> str:
-    """Prefixes a `validate_request` message with the flag it is about."""
+    """A `validate_request` message in the CLI's words: "height must be ..." -> "--height: must be ..."."""
+    message = _cli_words(message)
     for name in sorted(_FLAGS, key=len, reverse=True):
         if message.startswith(name):
-            return f"{_FLAGS[name]}: {message}"
+            rest = message[len(name):]
+            if rest.startswith("["):  # "prompts[0] is ...": keep the index
+                return f"{_FLAGS[name]}{rest}"
+            return f"{_FLAGS[name]}: {rest.lstrip(':=').strip()}"
     return message
 
 
 def check_loras(specs: Sequence[str]) -> list[tuple[str, float]]:
-    """--lora FILE[:SCALE] values: the files exist and are safetensors (read before the model loads)."""
+    """--lora FILE[:SCALE] values: a finite scale, the files exist and are safetensors (read before the model
+    loads; `pipeline.load_pipeline` then checks them against the model's configs before its weights load)."""
     from sdjax import lora
 
     out = []
     for spec in specs:
-        path, scale = lora.parse_spec(spec)
+        try:
+            path, scale = lora.parse_spec(spec)
+        except lora.LoRAError as err:
+            raise UsageError(f"--lora {spec!r}: {err}") from None
         if not os.path.isfile(path):
             raise UsageError(f"--lora {spec!r}: no such file {path!r}")
         if not path.endswith(".safetensors"):
@@ -418,18 +541,18 @@ def check_loras(specs: Sequence[str]) -> list[tuple[str, float]]:
 
 
 def load(args: argparse.Namespace, loras: Sequence[tuple[str, float]] = ()) -> Any:
-    """Loads the pipeline (and merges --lora files); raises LoadError with the loader's message on failure."""
+    """Loads the pipeline with the --lora files merged; raises LoadError with the loader's message on failure,
+    UsageError for a LoRA that does not fit the model (found from the configs, before the weights load)."""
+    from sdjax.lora import LoRAError
+
     try:
-        pipe = pipeline.load_pipeline(args.model, dtype=args.dtype, variant=args.variant,
-                                      compilation_cache=args.cache_dir or process.default_cache_dir())
+        return pipeline.load_pipeline(args.model, dtype=args.dtype, variant=args.variant,
+                                      compilation_cache=args.cache_dir or process.default_cache_dir(),
+                                      loras=list(loras))
+    except LoRAError as err:
+        raise UsageError(f"--lora: {_one_line(str(err))}") from err
     except (OSError, ValueError) as err:
         raise LoadError(f"could not load --model {args.model!r}: {err}") from err
-    if loras:
-        try:
-            pipe.set_loras(list(loras))
-        except (OSError, ValueError) as err:
-            raise LoadError(f"could not apply --lora: {err}") from err
-    return pipe
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -437,8 +560,8 @@ def run_generate(args: argparse.Namespace) -> int:
     request = validate_generation(args, args.prompt, args.height, args.width)
 
     def call(pipe, part, kw):
-        return pipe.txt2img(request.prompts[part], request.negative_prompts[part], height=args.height,
-                            width=args.width, **kw)
+        return pipe.txt2img(request.prompts[part], request.negative_prompts[part], height=request.height,
+                            width=request.width, **kw)
 
     return _generate(args, request, call)
 
@@ -462,9 +585,9 @@ def run_inpaint(args: argparse.Namespace) -> int:
     mask = _open_image(args.mask, "--mask")
     request, height, width = _validate_with_image(args, image)
     try:
-        images.prepare_masks([mask], [image], height, width)
-    except ValueError as err:
-        raise UsageError(f"--mask: {err}") from None
+        images.mask_arrays([mask], [image])
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--mask: {err}".replace("images[0]", "--image")) from None
 
     def call(pipe, part, kw):
         n = len(request.seeds[part])
@@ -483,21 +606,25 @@ def _open_image(path: str, flag: str):
         with Image.open(path) as img:
             img.load()
             return img.copy()
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise UsageError(f"{flag} {path!r} is not a readable image: {err}") from None
 
 
 def _validate_with_image(args: argparse.Namespace, image) -> tuple[Any, int, int]:
+    """The output size from --height/--width or the image (not resized here: the pipeline does that)."""
     try:
-        _, height, width = images.prepare_images([image], args.height, args.width)
-    except ValueError as err:
-        raise UsageError(f"--image: {err}") from None
+        arrays = images.image_arrays([image])
+        height, width = images.output_size(arrays[0], args.height, args.width, 8,
+                                           None if args.no_limits else MAX_SIZE)
+    except (TypeError, ValueError) as err:
+        raise UsageError("--image: " + _cli_words(str(err)).replace("images[0]: ", "")) from None
     return validate_generation(args, args.prompt, height, width), height, width
 
 
 def _generate(args: argparse.Namespace, request: Any, call: Callable, extra: dict | None = None) -> int:
     """Loads the model, runs `call(pipe, batch_slice, common_kwargs)` per batch, writes numbered PNGs."""
     out = check_out_dir(args.out)
+    check_cache_dir(args.cache_dir)
     loras = check_loras(args.lora)  # read before the model loads
     try:
         pipe = load(args, loras)
@@ -506,11 +633,11 @@ def _generate(args: argparse.Namespace, request: Any, call: Callable, extra: dic
     if loras:
         extra = {**(extra or {}), "LoRA": ", ".join(f"{pathlib.Path(p).stem}:{s:g}" for p, s in loras)}
     written: list[pathlib.Path] = []
-    batch = args.batch_size or len(request.seeds)
+    batch = args.batch_size or (len(request.seeds) if args.no_limits else min(len(request.seeds), MAX_BATCH))
     for start in range(0, len(request.seeds), batch):
         part = slice(start, start + batch)
         kw = dict(steps=args.steps, guidance_scale=args.guidance_scale, seeds=request.seeds[part],
-                  scheduler=args.scheduler, progress=_progress(args))
+                  scheduler=args.scheduler, progress=_progress(args), allow_large=args.no_limits)
         try:
             gen = call(pipe, part, kw)
         except ValueError as err:  # a check that needs the model (e.g. its own size multiple)
@@ -564,6 +691,91 @@ def write_numbered(out: pathlib.Path, seed: int, image: Any, text: str) -> pathl
             return pngmeta.write_png(path, image, text, exclusive=True)
         except FileExistsError:
             continue
+
+
+
+def add_batch(sub: argparse._SubParsersAction) -> None:
+    """`sdjax batch PROMPTS --out DIR`: a prompt file to a folder of PNGs and a manifest (see `sdjax.batch`)."""
+    p = sub.add_parser("batch", help="bulk text to image from a prompt file, restartable, on all hosts",
+                       description="Generates every prompt of a text file (one prompt per line) or JSONL file "
+                       "(prompt, negative_prompt, seed, steps, guidance_scale, size or height/width, scheduler, "
+                       "num_images) into OUT/LLLLLL-KKK.png plus OUT/manifest.jsonl. Running it again skips the "
+                       "images that are done. Flags are the defaults of lines that do not set their own. "
+                       "Multi-process: run the same command in every process (see docs/multihost.md).")
+    p.add_argument("prompts", metavar="PROMPTS", help="prompt file: text, one prompt per line, or JSONL")
+    add_sampling_options(p)
+    add_size_options(p)
+    add_model_options(p)
+    add_output_options(p)
+    help_of = {a.dest: a for a in p._actions}  # the shared options, in the words of a batch job
+    help_of["num_images"].help = "images per prompt line (default: 1; a line's num_images overrides)"
+    help_of["seed"].help = (f"base seed in [0, {MAX_SEED}] (default: 0): a line without a seed gets base+k, k the "
+                            "number of images before it in the file; image i of a line gets its seed+i")
+    help_of["batch_size"].help = ("images per call over all devices of all processes, rounded up to a multiple of "
+                                  f"the device count, at most {MAX_BATCH} (default: one per device)")
+    g = p.add_argument_group("multi-process (flags, else $SDJAX_COORDINATOR, $SDJAX_NUM_PROCESSES, $SDJAX_PROCESS_ID)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address and a free port")
+    g.add_argument("--num-processes", default=None, type=_int_at_least(1), metavar="N")
+    g.add_argument("--process-id", default=None, type=_int_at_least(0), metavar="I", help="in [0, N)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run detected by JAX (Cloud TPU pod slice, SLURM, Open MPI) without "
+                        "the three flags above")
+    p.set_defaults(run=run_batch, parser=p)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """`sdjax batch`: check the prompt file and flags, join the multi-process run, load, run the job."""
+    from sdjax import batch, parallel
+
+    try:
+        convert.parse_dtype(args.dtype)
+    except ValueError as err:
+        raise UsageError(f"--dtype: {err}") from None
+    if not args.no_limits and args.batch_size is not None and args.batch_size > MAX_BATCH:
+        raise UsageError(f"--batch-size: must be an integer in [1, {MAX_BATCH}], got {args.batch_size}; --no-limits "
+                         "lifts the bound")
+    defaults = batch.Defaults(negative_prompt=args.negative_prompt, steps=args.steps,
+                              guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                              scheduler=args.scheduler, num_images=args.num_images,
+                              seed=0 if args.seed is None else args.seed)
+    try:
+        job = batch.BatchJob.from_file(args.prompts, defaults, allow_large=args.no_limits)
+    except batch.PromptFileError as err:  # every bad line, one per line, before anything loads
+        for line in str(err).splitlines():
+            print(f"sdjax batch: error: {line}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        raise UsageError(f"PROMPTS {args.prompts!r} cannot be read: {err.strerror or err}") from None
+    try:
+        dist = parallel.distributed_from(args.coordinator, args.num_processes, args.process_id, os.environ,
+                                         auto=args.distributed)
+    except ValueError as err:
+        raise UsageError(f"--coordinator/--num-processes/--process-id: {err}") from None
+    out = check_out_dir(args.out)
+    check_cache_dir(args.cache_dir)
+    loras = check_loras(args.lora)
+    if dist is not None:
+        parallel.initialize(dist)  # before anything touches a device
+    try:
+        pipe = load(args, loras)
+    except LoadError as err:
+        return fail(str(err))
+    extra = {"LoRA": ", ".join(f"{pathlib.Path(p).stem}:{s:g}" for p, s in loras)} if loras else None
+    try:
+        result = batch.run_batch(pipe, job, out, batch_size=args.batch_size, model=model_label(args.model),
+                                 extra=extra, progress=_progress(args), allow_large=args.no_limits)
+    except batch.BatchConflictError as err:
+        return fail(str(err))
+    except ValueError as err:  # a check that needs the model (its size multiple, its scheduler's step bound)
+        raise UsageError(_name_flag(str(err))) from None
+    except OSError as err:
+        return fail(f"could not write to --out {args.out!r}: {err}")
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"wrote {result.total - result.skipped} of {result.total} images to {out} "
+              f"({result.skipped} already done); manifest: {result.manifest}")
+    return 0
 
 
 if __name__ == "__main__":

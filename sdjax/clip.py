@@ -46,27 +46,36 @@ class CLIPConfig:
 
     @classmethod
     def from_transformers(cls, d: dict[str, Any]) -> CLIPConfig:
+        """A transformers CLIPTextModel (or CLIPModel) config.json dict -> CLIPConfig; raises ValueError naming the
+        field (transformers' name) and what is allowed."""
+        d = configs.require_object(d, "text_encoder")
         if "text_config" in d:  # a full CLIPModel config: the text tower is what SD uses
-            d = d["text_config"]
+            d = configs.require_object(d["text_config"], "text_encoder 'text_config'")
         act = d.get("hidden_act", "quick_gelu")
-        if act not in ACTIVATIONS:
+        if not isinstance(act, str) or act not in ACTIVATIONS:
             raise configs.UnsupportedConfigError(
                 f"text_encoder config field 'hidden_act' = {act!r} is not supported by sdjax "
                 f"(supported: {', '.join(ACTIVATIONS)})")
-        return cls(
-            vocab_size=d.get("vocab_size", 49408),
-            hidden_size=d.get("hidden_size", 512),
-            intermediate_size=d.get("intermediate_size", 2048),
-            num_layers=d.get("num_hidden_layers", 12),
-            num_heads=d.get("num_attention_heads", 8),
-            max_positions=d.get("max_position_embeddings", 77),
+        cfg = cls(
+            vocab_size=configs.single_int(d, "vocab_size", 49408, "text_encoder"),
+            hidden_size=configs.single_int(d, "hidden_size", 512, "text_encoder"),
+            intermediate_size=configs.single_int(d, "intermediate_size", 2048, "text_encoder"),
+            num_layers=configs.single_int(d, "num_hidden_layers", 12, "text_encoder"),
+            num_heads=configs.single_int(d, "num_attention_heads", 8, "text_encoder"),
+            max_positions=configs.single_int(d, "max_position_embeddings", 77, "text_encoder"),
             hidden_act=act,
-            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-            eos_token_id=d.get("eos_token_id", 2),
-            bos_token_id=d.get("bos_token_id", 0),
-            pad_token_id=d.get("pad_token_id", 1),
-            projection_dim=d.get("projection_dim", 512),
+            layer_norm_eps=configs.number(d, "layer_norm_eps", 1e-5, "text_encoder", positive=True),
+            eos_token_id=configs.single_int(d, "eos_token_id", 2, "text_encoder", minimum=0),
+            # bos and pad are not used by the model: kept as the file has them (null included)
+            bos_token_id=_optional_id(d, "bos_token_id", 0),
+            pad_token_id=_optional_id(d, "pad_token_id", 1),
+            projection_dim=configs.single_int(d, "projection_dim", 512, "text_encoder"),
         )
+        if cfg.hidden_size % cfg.num_heads:
+            raise configs.ConfigFieldError(
+                f"text_encoder config field 'num_attention_heads' = {cfg.num_heads} must divide hidden_size = "
+                f"{cfg.hidden_size} (each head gets hidden_size / heads dims)")
+        return cfg
 
     def to_transformers(self) -> dict[str, Any]:
         return {
@@ -89,6 +98,11 @@ class CLIPConfig:
             "initializer_factor": 1.0,
             "initializer_range": 0.02,
         }
+
+
+def _optional_id(d: dict[str, Any], field: str, default: int) -> Any:
+    value = d.get(field, default)
+    return value if value is None else configs.single_int(d, field, default, "text_encoder", minimum=0)
 
 
 class TextOutput(NamedTuple):

@@ -17,13 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sdjax import io
 from sdjax.clip import CLIPConfig
+from sdjax.io import CheckpointError  # raised here; also convert.CheckpointError
 from sdjax.unet import UNetConfig
 from sdjax.vae import VAEConfig
 
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the architecture its config describes."""
+# What a parameter may be stored as: every sdjax parameter is floating point. F8 is refused too: diffusers and
+# transformers never save SD weights in F8, and the F8 checkpoints in circulation ("fp8 scaled") carry
+# per-tensor scales beside the weights that a plain cast would silently drop.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +205,9 @@ class Renamed(Mapping):
     def __getitem__(self, key: str) -> np.ndarray:
         return self._state[self._names[key]]
 
+    def spec(self, key: str) -> tuple[tuple[int, ...], str, str | None]:
+        return _spec(self._state, self._names[key])
+
     def __iter__(self):
         return iter(self._names)
 
@@ -222,8 +228,9 @@ def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any,
               ignored: Iterable[re.Pattern] = (), finalize: Callable | None = None) -> dict:
     """Checkpoint tensors -> params pytree shaped like `abstract` (from `jax.eval_shape(model.init, ...)`).
 
-    Tensors are looked up one at a time (`state` may read lazily, see `io.LazyTensors`) and passed through
-    `finalize` (e.g. to a device array) right away, so only one host copy is alive at once.
+    Names, dtypes and shapes are all checked before any tensor is read (from the headers when `state` has a
+    `spec(key)`, see `io.LazyTensors`); then tensors are looked up one at a time, checked to be finite, and
+    passed through `finalize` (e.g. to a device array) right away, so only one host copy is alive at once.
     """
     expected = {path: leaf for path, leaf in traverse_util.flatten_dict(abstract).items()}
     covered = {r.path for r in rules}
@@ -233,25 +240,33 @@ def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any,
         extra = sorted("/".join(p) for p in covered - set(expected))[:5]
         raise AssertionError(f"rule table out of step with the module: unruled {missing}, unknown {extra}")
 
+    names = _match(state, rules, source, ignored)
+    for rule, name in names:
+        _check_spec(state, rule, name, tuple(expected[rule.path].shape), source)
+    flat = {}
+    for rule, name in names:
+        tensor = np.asarray(state[name])
+        _check_finite(tensor, name, _spec(state, name)[2] or source)
+        transform = rule.transform
+        if transform == "linear" and tensor.ndim == 4 and name in rule.aliases:
+            transform = "conv1x1_linear"
+        value = _TO_PYTREE[transform](tensor)
+        flat[rule.path] = value if finalize is None else finalize(value)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _match(state: Mapping[str, Any], rules: list[Rule], source: str, ignored: Iterable[re.Pattern]
+           ) -> list[tuple[Rule, str]]:
+    """(rule, the checkpoint key it reads) for every rule; raises naming missing and unexpected keys."""
     remaining = set(state)
-    flat, absent = {}, []
+    names, absent = [], []
     for rule in rules:
         name = next((k for k in (rule.key, *rule.aliases) if k in remaining), None)
         if name is None:
             absent.append(rule.key)
             continue
         remaining.discard(name)
-        tensor = np.asarray(state[name])
-        transform = rule.transform
-        if transform == "linear" and tensor.ndim == 4 and name in rule.aliases:
-            transform = "conv1x1_linear"
-        value = _TO_PYTREE[transform](tensor)
-        want = tuple(expected[rule.path].shape)
-        if value.shape != want:
-            raise CheckpointError(
-                f"{source}: '{name}' has shape {tuple(tensor.shape)}, but the config's architecture needs "
-                f"{_checkpoint_shape(rule, want)}")
-        flat[rule.path] = value if finalize is None else finalize(value)
+        names.append((rule, name))
     leftover = sorted(k for k in remaining if not any(p.search(k) for p in ignored))
     if absent or leftover:
         parts = []
@@ -260,7 +275,39 @@ def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any,
         if leftover:
             parts.append(f"unexpected key(s) {_few(leftover)} (not part of the architecture in config.json)")
         raise CheckpointError(f"{source}: " + "; ".join(parts))
-    return traverse_util.unflatten_dict(flat)
+    return names
+
+
+def _spec(state: Mapping[str, Any], key: str) -> tuple[tuple[int, ...], str, str | None]:
+    """(shape, safetensors dtype name, file or None) of a tensor, without reading it where `state` can tell."""
+    spec = getattr(state, "spec", None)
+    if spec is not None:
+        shape, dtype, path = spec(key)
+        return tuple(shape), dtype, None if path is None else str(path)
+    value = state[key]  # an array already in memory
+    return tuple(np.shape(value)), io.dtype_name(getattr(value, "dtype", np.asarray(value).dtype)), None
+
+
+def _check_spec(state: Mapping[str, Any], rule: Rule, name: str, want: tuple[int, ...], source: str) -> None:
+    """A parameter's tensor is floating point and has the shape the architecture needs."""
+    shape, dtype, path = _spec(state, name)
+    where = path or source
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{where}: '{name}' has dtype {dtype}, but it is a floating-point parameter "
+                              f"(allowed: {', '.join(FLOAT_DTYPES)})")
+    need = _checkpoint_shape(rule, want)
+    old_conv = rule.transform == "linear" and name in rule.aliases and shape == need + (1, 1)  # see vae_rules
+    if shape != need and not old_conv:
+        raise CheckpointError(f"{where}: '{name}' has shape {shape}, but the config's architecture needs {need}")
+
+
+def _check_finite(tensor: np.ndarray, name: str, where: str) -> None:
+    """Weights hold no NaN or inf (one pass over the tensor, cheap next to reading it)."""
+    finite = np.isfinite(tensor)
+    if not finite.all():
+        bad = finite.size - int(np.count_nonzero(finite))
+        raise CheckpointError(f"{where}: '{name}' holds {bad} non-finite value(s) (NaN or inf) of {tensor.size}; "
+                              "weights must be finite")
 
 
 def from_params(params: Any, rules: list[Rule]) -> dict[str, np.ndarray]:
@@ -270,7 +317,8 @@ def from_params(params: Any, rules: list[Rule]) -> dict[str, np.ndarray]:
 
 
 def _checkpoint_shape(rule: Rule, pytree_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(_TO_CHECKPOINT[rule.transform](np.empty(pytree_shape, dtype=np.int8)).shape)
+    # a zero-strided view: transposes its shape without allocating the tensor
+    return tuple(_TO_CHECKPOINT[rule.transform](np.broadcast_to(np.int8(0), pytree_shape)).shape)
 
 
 def _few(keys: list[str], n: int = 5) -> str:

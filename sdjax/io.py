@@ -13,13 +13,15 @@ import os
 import pathlib
 import re
 import struct
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import safetensors
+
+from sdjax import tempfiles
 
 PathLike = str | os.PathLike
 
@@ -67,6 +69,13 @@ class PickledWeightsError(FileNotFoundError):
 
 class SafetensorsError(ValueError):
     """A safetensors file is truncated, corrupt or inconsistent with other shards."""
+
+
+class CheckpointError(ValueError):
+    """A model file (a component's config.json or weights, the tokenizer files) is invalid or does not fit the
+    architecture its config describes; the message names the file (and the field or tensor). Also reachable as
+    `sdjax.checkpoint.CheckpointError` and `sdjax.convert.CheckpointError` (it lives here, beside the other file
+    errors, so that light modules such as `sdjax.tokenizer` raise it without importing jax)."""
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -253,80 +262,158 @@ def _shards_of(index_path: pathlib.Path) -> list[pathlib.Path]:
     return shards
 
 
-def read_safetensors_header(path: PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
-    """(tensor entries, metadata, byte offset of the data) of a safetensors file, validated."""
-    path = pathlib.Path(path)
+# Reading goes through the safetensors library (`safe_open`), whose checks are the authority: header size,
+# header JSON, known dtypes, offsets that are contiguous (no overlaps, no gaps), a byte length equal to
+# shape x dtype size for every tensor, and data that covers the file exactly. What stays hand-written here
+# only explains a refusal (`_explain`: the library names no tensor for some faults and gives no sizes) and
+# returns the raw header entries (`read_safetensors_header`: the library does not expose data_offsets).
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+               "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+               "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+
+
+def _safe_open(path: pathlib.Path):
+    """The safetensors library's handle on `path` (it memory-maps the file; tensors are copied out one by one).
+
+    Raises FileNotFoundError for a missing file and SafetensorsError, naming the file and the fault, for
+    anything the library refuses."""
     if not path.is_file():
         raise FileNotFoundError(f"Safetensors file {str(path)!r} does not exist.")
-    file_size = path.stat().st_size
+    try:
+        return safetensors.safe_open(str(path), framework="np")
+    except safetensors.SafetensorError as err:
+        raise SafetensorsError(f"{str(path)!r} {_explain(path, str(err))}.") from err
+
+
+def _raw_header(path: pathlib.Path) -> tuple[int, Any]:
+    """(header size the first 8 bytes give, the header parsed as JSON or None when it is not readable JSON)."""
     with open(path, "rb") as f:
         prefix = f.read(8)
-        if len(prefix) < 8:
-            raise SafetensorsError(f"{str(path)!r} is not a safetensors file: only {file_size} bytes.")
-        (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > min(_MAX_HEADER_BYTES, file_size - 8):
-            raise SafetensorsError(
-                f"{str(path)!r} is truncated or not a safetensors file: header of {header_size} bytes "
-                f"in a file of {file_size} bytes."
-            )
-        raw = f.read(header_size)
+        size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 <= size <= min(_MAX_HEADER_BYTES, path.stat().st_size - 8):
+            return size, None
+        raw = f.read(size)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SafetensorsError(f"{str(path)!r} is corrupt: its header is not valid JSON ({err}).") from err
-    if not isinstance(header, dict):
-        raise SafetensorsError(f"{str(path)!r} is corrupt: its header is not a JSON object.")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_size
+        return size, json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return size, None
+
+
+def _explain(path: pathlib.Path, reason: str) -> str:
+    """Why the library refused `path` (`reason` is its message), with the tensor and the sizes where we can tell."""
+    file_size = path.stat().st_size
+    if "header too small" in reason:
+        return f"is not a safetensors file: only {file_size} bytes"
+    header_size, header = _raw_header(path)
+    if "header too large" in reason or "invalid header length" in reason:
+        return (f"is truncated or not a safetensors file: its first 8 bytes give a header of {header_size} bytes "
+                f"in a file of {file_size} bytes")
+    if header is not None and not isinstance(header, dict):
+        return f"is corrupt: its header is a JSON {type(header).__name__}, not a JSON object of tensors"
+    if header is None or "JSON" in reason or "UTF-8" in reason:
+        fault = _entry_fault(header) if isinstance(header, dict) else None
+        return fault or f"is corrupt: its header is not valid safetensors JSON ({reason.split(': ', 1)[-1]})"
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    return _layout_fault(entries, file_size - 8 - header_size) or f"is not a valid safetensors file ({reason})"
+
+
+def _entry_fault(header: dict[str, Any]) -> str | None:
+    """The first header entry without a known dtype, a shape and two data offsets, or None."""
     for key, entry in header.items():
-        _check_entry(path, key, entry, file_size - data_start)
-    return header, metadata, data_start
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            return (f"is corrupt: the header entry of tensor {key!r} is {entry!r:.80}, not "
+                    "{dtype, shape, data_offsets}")
+        if entry["dtype"] not in _DTYPE_BITS:
+            return (f"is corrupt: tensor {key!r} has dtype {entry['dtype']!r}, which safetensors does not know "
+                    f"(known: {', '.join(_DTYPE_BITS)})")
+    return None
 
 
-def _check_entry(path: pathlib.Path, key: str, entry: Any, data_size: int) -> None:
-    """Raises ``SafetensorsError`` unless a header entry has a known dtype and in-bounds offsets."""
+def _layout_fault(entries: dict[str, Any], data_size: int) -> str | None:
+    """The first fault in the data layout of header entries (in offset order), or None when none is found."""
     try:
-        dtype = ST_DTYPES[entry["dtype"]]
-        shape = [int(n) for n in entry["shape"]]
-        begin, end = (int(n) for n in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise SafetensorsError(f"{str(path)!r}: bad or unsupported header entry for {key!r}: {entry!r}.") from err
-    if end > data_size:
-        raise SafetensorsError(
-            f"{str(path)!r} is truncated: tensor {key!r} ends at byte {end} of the data, "
-            f"which has only {data_size} bytes."
-        )
-    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
-        raise SafetensorsError(f"{str(path)!r} is corrupt: offsets {entry['data_offsets']} of {key!r} do not match "
-                               f"its dtype {entry['dtype']} and shape {shape}.")
+        spans = sorted((int(e["data_offsets"][0]), int(e["data_offsets"][1]), k, e) for k, e in entries.items())
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    at = 0  # where the next tensor must start: safetensors stores tensors back to back
+    for begin, end, key, entry in spans:
+        bits = _DTYPE_BITS.get(entry.get("dtype"))
+        need = None if bits is None else (math.prod(entry.get("shape", ())) * bits + 7) // 8
+        if need is not None and end - begin != need:
+            return (f"is corrupt: tensor {key!r} has data_offsets [{begin}, {end}] ({end - begin} bytes), but its "
+                    f"dtype {entry['dtype']} and shape {entry['shape']} need {need} bytes")
+        if begin < at:
+            return (f"is corrupt: tensor {key!r} has data_offsets [{begin}, {end}], which overlap the tensor before "
+                    f"it (ending at byte {at}); tensors must be stored back to back")
+        if begin > at:
+            return (f"is corrupt: tensor {key!r} has data_offsets [{begin}, {end}], leaving a gap of {begin - at} "
+                    f"bytes after the tensor before it; tensors must be stored back to back")
+        if end > data_size:
+            return (f"is truncated: tensor {key!r} ends at byte {end} of the data, which has only {data_size} "
+                    f"bytes")
+        at = end
+    if at != data_size:
+        return f"is corrupt: {data_size - at} bytes after the last tensor belong to no tensor"
+    return None
+
+
+def read_safetensors_header(path: PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """(tensor entries {key: {dtype, shape, data_offsets}}, metadata, byte offset of the data), validated by the
+    safetensors library; no tensor is read."""
+    path = pathlib.Path(path)
+    with _safe_open(path):
+        pass
+    header_size, header = _raw_header(path)  # the library accepted it: a JSON object of well-formed entries
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata, 8 + header_size
 
 
 class LazyTensors(Mapping):
     """The tensors of one or several (shard) safetensors files, each read from disk when it is looked up.
 
-    Headers are read and validated up front (so a truncated file fails at once, naming it); a converter that
-    takes one tensor at a time and drops it never holds more than one tensor's host copy.
+    Every file is opened (and so validated by the safetensors library) up front, so a corrupt or truncated
+    file fails at once, naming it; one handle per file is kept. A converter that takes one tensor at a time
+    and drops it never holds more than one tensor's host copy. `spec(key)` gives a tensor's shape and dtype
+    without reading it.
     """
 
     def __init__(self, paths: PathLike | Sequence[PathLike]):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        self._index: dict[str, tuple[pathlib.Path, dict[str, Any], int]] = {}
+        self._index: dict[str, tuple[pathlib.Path, Any]] = {}  # key -> (file, its safe_open handle)
+        self._order: list[str] = []  # file by file, in offset order
         for path in map(pathlib.Path, paths):
-            header, _, data_start = read_safetensors_header(path)
-            for key, entry in header.items():
+            handle = _safe_open(path)
+            for key in getattr(handle, "offset_keys", handle.keys)():  # offset_keys: not in older safetensors
                 if key in self._index:
                     raise SafetensorsError(
                         f"Tensor {key!r} is in both {str(self._index[key][0])!r} and {str(path)!r}.")
-                self._index[key] = (path, entry, data_start)
+                self._index[key] = (path, handle)
+                self._order.append(key)
+
+    def spec(self, key: str) -> tuple[tuple[int, ...], str, pathlib.Path]:
+        """(shape, safetensors dtype name such as "F16", file) of a tensor, from the header only."""
+        path, handle = self._index[key]
+        info = handle.get_slice(key)
+        return tuple(info.get_shape()), info.get_dtype(), path
 
     def __getitem__(self, key: str) -> np.ndarray:
-        path, entry, data_start = self._index[key]
-        with open(path, "rb") as f:
-            return _read_tensor(f, path, key, entry, data_start)
+        path, handle = self._index[key]
+        try:
+            return handle.get_tensor(key)
+        except safetensors.SafetensorError as err:
+            raise SafetensorsError(f"{str(path)!r}: could not read tensor {key!r} ({err}).") from err
+        except (AttributeError, TypeError) as err:
+            # safetensors' numpy reader has no numpy type for the float8/float6/float4 formats
+            dtype = handle.get_slice(key).get_dtype()
+            raise SafetensorsError(
+                f"{str(path)!r}: tensor {key!r} has dtype {dtype}, which sdjax cannot read (readable: "
+                f"{', '.join(d for d in ST_DTYPES if not d.startswith('F8'))}).") from err
 
     def __iter__(self):
-        return iter(self._index)
+        return iter(self._order)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -335,28 +422,20 @@ class LazyTensors(Mapping):
 def read_safetensors(paths: PathLike | Sequence[PathLike]) -> dict[str, np.ndarray]:
     """Reads the tensors of one or several (shard) safetensors files into numpy arrays.
 
-    Each tensor is read straight into its own array (no whole-file buffer). BF16 comes back as
+    Each tensor is copied into its own array (no whole-file buffer). BF16 comes back as
     ``ml_dtypes.bfloat16``. A tensor name found in two files is an error. `LazyTensors` reads on demand.
     """
     lazy = LazyTensors(paths)
-    by_offset = sorted(lazy._index.items(), key=lambda item: (str(item[1][0]), int(item[1][1]["data_offsets"][0])))
-    return {key: lazy[key] for key, _ in by_offset}
-
-
-def _read_tensor(f, path: pathlib.Path, key: str, entry: dict[str, Any], data_start: int) -> np.ndarray:
-    """Reads one tensor from an open file into a new array."""
-    array = np.empty([int(n) for n in entry["shape"]], dtype=ST_DTYPES[entry["dtype"]])
-    f.seek(data_start + int(entry["data_offsets"][0]))
-    if array.nbytes and f.readinto(array.reshape(-1).view(np.uint8).data) != array.nbytes:
-        raise SafetensorsError(f"{str(path)!r} is truncated: could not read all of {key!r}.")
-    return array
+    return {key: lazy[key] for key in lazy}
 
 
 def write_safetensors(tensors: Mapping[str, Any], path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Writes numpy (or jax) arrays to a safetensors file, atomically.
 
     Tensors are laid out like the safetensors library does (largest item size first, then by name),
-    so every tensor's data is aligned to its item size.
+    so every tensor's data is aligned to its item size. Hand-written because the library's writers are no
+    drop-in: `save` builds the whole file in memory and `save_file` writes the path itself (not atomically);
+    this one streams tensor by tensor into `_atomic_file`. The library reads what it writes (tests/test_io.py).
     """
     arrays = {key: _little_endian(np.asarray(value)) for key, value in tensors.items()}
     order = sorted(arrays, key=lambda key: (-arrays[key].dtype.itemsize, key))
@@ -377,6 +456,12 @@ def write_safetensors(tensors: Mapping[str, Any], path: PathLike, metadata: Mapp
         for key in order:
             if arrays[key].nbytes:
                 f.write(np.ascontiguousarray(arrays[key]).reshape(-1).view(np.uint8).data)
+
+
+def dtype_name(dtype: Any) -> str:
+    """The safetensors name of a numpy dtype ("F16", "BF16", ...), or numpy's own name when safetensors has none."""
+    dtype = np.dtype(dtype)
+    return _NP_TO_ST.get(dtype.newbyteorder("="), dtype.name)
 
 
 def _little_endian(array: np.ndarray) -> np.ndarray:
@@ -400,7 +485,8 @@ class _atomic_file:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        tempfiles.remove_stale(self.path.parent)  # left by killed runs
+        fd, self.tmp = tempfiles.create(self.path)
         self.file = os.fdopen(fd, "wb")
         return self.file
 
@@ -414,8 +500,7 @@ class _atomic_file:
                 os.replace(self.tmp, self.path)
                 fsync_dir(self.path.parent)
         finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+            tempfiles.release(self.tmp)
         return False
 
 

@@ -23,7 +23,8 @@ LoCon / peft's Conv2d LoRA: a down conv with the base kernel size, stride and pa
 i.e. the kernel-shaped product sum_r down[h, w, i, r] * up[0, 0, r, o].
 
 The file formats (peft/diffusers and kohya/A1111 key names, the LDM UNet naming, state dicts, `save`, `load`,
-`apply_files`, `parse_spec`) are in `sdjax.lora_files`; their names stay reachable here, as `sdjax.lora.save`.
+`apply_files`, `parse_spec`, `check`) are in `sdjax.lora_files`; their names stay reachable here, as
+`sdjax.lora.save`.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
 
 # The file formats live in sdjax.lora_files, which imports this module; their names are reachable here too
 # (`sdjax.lora.save(...)`, `from sdjax.lora import load`), imported on first use.
-_FILE_API = ("FORMATS", "METADATA_KEY", "apply_files", "from_state_dict", "kohya_name", "ldm_module", "load",
-             "parse_spec", "save", "to_state_dict")
+_FILE_API = ("FORMATS", "METADATA_KEY", "apply_files", "check", "from_state_dict", "kohya_name", "ldm_module",
+             "load", "parse_spec", "save", "to_state_dict")
 
 if TYPE_CHECKING:
     pass

@@ -17,6 +17,7 @@ Key names in files (both map through the rule tables, never by guessing from nam
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -30,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import convert, io
-from sdjax.lora import LoRA, LoRAError, Target, _few, _flat, _infer_config, merge_many, module_table
+from sdjax import checkpoint, convert, io
+from sdjax.lora import COMPONENTS, LoRA, LoRAError, Target, _few, _flat, _infer_config, merge_many, module_table
 from sdjax.unet import UNetConfig
 
 FORMATS = ("peft", "kohya")
@@ -62,9 +63,39 @@ def load(path: str | os.PathLike, params: Mapping, *, configs: Mapping[str, Any]
     to nothing raises LoRAError naming it (strict=False: warns with the names and ignores those keys instead);
     a mis-shaped tensor always raises.
     """
-    _, file_meta, _ = io.read_safetensors_header(path)
-    return from_state_dict(io.read_safetensors(path), params, metadata=file_meta, configs=configs,
-                           strict=strict, source=str(path))
+    tensors, file_meta = _read(path)
+    return from_state_dict(tensors, params, metadata=file_meta, configs=configs, strict=strict, source=str(path))
+
+
+def check(path: str | os.PathLike, configs: Mapping[str, Any]) -> None:
+    """Checks a LoRA file against the model whose configs these are ({"unet": UNetConfig, "text_encoder":
+    CLIPConfig}; others ignored), without the model's weights: exactly what `load` checks, against the params'
+    shapes (`checkpoint.abstract_params`). Raises FileNotFoundError for a missing file and LoRAError naming the
+    file (and the key) for a pickle, a corrupt file, a key that maps to no module, a wrong shape (e.g. a LoRA
+    for another model size), a non-float dtype or a NaN/inf value."""
+    configs = {kind: cfg for kind, cfg in configs.items() if kind in COMPONENTS}
+    abstract = {kind: _abstract_params(kind, cfg) for kind, cfg in configs.items()}
+    tensors, file_meta = _read(path)
+    _parse(tensors, abstract, metadata=file_meta, configs=configs, strict=True, source=str(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _abstract_params(kind: str, config: Any) -> Any:
+    """`checkpoint.abstract_params`, traced once per config (several LoRA files are checked against one model)."""
+    return checkpoint.abstract_params(kind, config)
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, safetensors metadata) of a LoRA file; pickles are refused unread, corrupt files name the fault."""
+    path = Path(path)
+    if path.suffix in io.PICKLE_SUFFIXES:
+        raise LoRAError(f"LoRA file {str(path)!r} is a pickle ({path.suffix}); sdjax never unpickles files (loading "
+                        "one can run arbitrary code): use the .safetensors version of this LoRA")
+    try:
+        _, metadata, _ = io.read_safetensors_header(path)
+        return io.read_safetensors(path), metadata
+    except io.SafetensorsError as err:
+        raise LoRAError(f"LoRA file {err}") from err
 
 
 def apply_files(params: Mapping, files: Iterable[tuple[str | os.PathLike, float] | str],
@@ -78,13 +109,23 @@ def apply_files(params: Mapping, files: Iterable[tuple[str | os.PathLike, float]
 
 
 def parse_spec(spec: str) -> tuple[str, float]:
-    """"FILE[:SCALE]" (the CLI's `--lora`) -> (FILE, SCALE); the scale defaults to 1.0."""
+    """"FILE[:SCALE]" (the CLI's `--lora`) -> (FILE, SCALE); the scale defaults to 1.0 and must be finite.
+
+    The text after the last ':' is the scale when it reads as a number, or when FILE ends in ".safetensors"
+    (then a non-number is an error, not part of the name): "a.safetensors:abc" raises LoRAError naming 'abc'.
+    A name with a colon of its own (e.g. "C:/x.safetensors") still works without a scale."""
     head, sep, tail = spec.rpartition(":")
     if sep and head:
         try:
-            return head, float(tail)
+            scale = float(tail)
         except ValueError:
-            pass
+            if head.endswith(".safetensors"):
+                raise LoRAError(f"LoRA scale {tail!r} in {spec!r} is not a number (FILE[:SCALE], e.g. "
+                                f"{head}:0.8)") from None
+        else:
+            if not math.isfinite(scale):
+                raise LoRAError(f"LoRA scale must be a finite number, got {tail!r} in {spec!r}")
+            return head, scale
     return spec, 1.0
 
 
@@ -129,6 +170,15 @@ def to_state_dict(lora: LoRA, format: str = "peft", *, fold_alpha: bool = False
 def from_state_dict(tensors: Mapping[str, np.ndarray], params: Mapping, *, metadata: Mapping[str, str] | None = None,
                     configs: Mapping[str, Any] | None = None, strict: bool = True, source: str = "LoRA") -> LoRA:
     """A LoRA from tensors in peft/diffusers or kohya/A1111 naming (auto-detected), checked against `params`."""
+    weights, targets = _parse(tensors, params, metadata=metadata, configs=configs, strict=strict, source=source)
+    return LoRA({path: {"down": jnp.asarray(w["down"]), "up": jnp.asarray(w["up"])} for path, w in weights.items()},
+                targets)
+
+
+def _parse(tensors: Mapping[str, np.ndarray], params: Mapping, *, metadata: Mapping[str, str] | None,
+           configs: Mapping[str, Any] | None, strict: bool, source: str
+           ) -> tuple[dict[str, dict[str, np.ndarray]], tuple[Target, ...]]:
+    """`from_state_dict`'s checks and conversion, on the host: ({path: {"down", "up"}} numpy arrays, targets)."""
     if not tensors:
         raise LoRAError(f"{source}: holds no tensors")
     kohya = all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
@@ -146,21 +196,45 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], params: Mapping, *, metad
         if strict:
             raise LoRAError(msg)
         warnings.warn(msg + "; ignored", stacklevel=3)
-    peft_config = _read_metadata(metadata)
+    try:
+        peft_config = _read_metadata(metadata)
+    except LoRAError as err:
+        raise LoRAError(f"{source}: {err}") from None
     weights, targets = {}, []
     for (path, module), parts in sorted(groups.items()):
         down, up = _from_torch(parts, tuple(flat[path].shape), source)
         rank = down.shape[-1]
         component = path.split("/")[0]
         if "alpha" in parts:
-            alpha = float(np.asarray(parts["alpha"][1], np.float64).reshape(()))
+            alpha = _alpha(*parts["alpha"], source)
         else:
             alpha = _peft_alpha(peft_config.get(component), module, rank)
-        weights[path] = {"down": jnp.asarray(down), "up": jnp.asarray(up)}
+        weights[path] = {"down": down, "up": up}
         targets.append(Target(path, module, alpha, int(rank)))
     if not targets:
         raise LoRAError(f"{source}: no LoRA weights for this model")
-    return LoRA(weights, tuple(targets))
+    return weights, tuple(targets)
+
+
+def _alpha(key: str, value: Any, source: str) -> float:
+    """A kohya `.alpha` entry: one finite number (stored as a float or an integer)."""
+    value = np.asarray(value)
+    if value.size != 1 or value.dtype.kind not in "fiu" or not np.isfinite(value.astype(np.float64)).all():
+        raise LoRAError(f"{source}: '{key}' must be one finite number, got dtype {io.dtype_name(value.dtype)} "
+                        f"shape {tuple(value.shape)}")
+    return float(value.astype(np.float64).reshape(()))
+
+
+def _check_factor(key: str, value: Any, source: str) -> None:
+    """A LoRA factor is floating point (F16/BF16/F32/F64, as model weights) and finite."""
+    dtype = io.dtype_name(np.asarray(value).dtype)
+    if dtype not in convert.FLOAT_DTYPES:
+        raise LoRAError(f"{source}: '{key}' has dtype {dtype}, but LoRA weights must be floating point (allowed: "
+                        f"{', '.join(convert.FLOAT_DTYPES)})")
+    finite = np.isfinite(value)
+    if not finite.all():
+        raise LoRAError(f"{source}: '{key}' holds {finite.size - int(np.count_nonzero(finite))} non-finite "
+                        "value(s) (NaN or inf); LoRA weights must be finite")
 
 
 def kohya_name(component: str, module: str) -> str:
@@ -249,6 +323,8 @@ def _from_torch(parts: Mapping[str, tuple[str, np.ndarray]], kernel: tuple[int, 
             raise LoRAError(f"{source}: '{other}' has no matching {part} ({'lora_A' if part == 'down' else 'lora_B'}"
                             f"/lora_{part}) tensor")
     (a_key, a), (b_key, b) = parts["down"], parts["up"]
+    _check_factor(a_key, a, source)
+    _check_factor(b_key, b, source)
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     rank = a.shape[0] if a.ndim else 0
     want_a: tuple[int, ...]

@@ -1,14 +1,19 @@
 """Data parallelism: a 1-D mesh over every device (all hosts), batch sharded, params replicated.
 
-Multi-host: call `jax.distributed.initialize()` (or `sdjax.parallel.initialize()`) in every process before
-loading a pipeline; `jax.devices()` then lists every host's devices and the same jitted call runs on all of
-them. Each process must pass the same prompts and seeds (each gets the whole batch back).
+Multi-process (multi-host) runs use JAX's own runtime: `initialize()` (`jax.distributed.initialize`) in every
+process before anything touches a device; `jax.devices()` then lists every process's devices, the mesh spans
+them all and the same jitted call runs on all of them as one program. The API's rule across processes: every
+process makes the same calls with the same arguments (prompts, seeds, sizes), each puts the rows of the global
+batch that its own devices hold (`put_batch`), and each gets the whole batch back (`to_host` gathers the rows
+of the other processes). `sdjax.batch` builds on that: each process writes only the images its devices made.
+Calls that differ between processes, or that only some processes make, hang in the first collective.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,10 +25,62 @@ from jax.sharding import PartitionSpec as P
 AXIS = "data"
 
 
-def initialize(**kwargs) -> None:
-    """Multi-host start-up: `jax.distributed.initialize(**kwargs)` (coordinator, process count and id come
-    from the environment on TPU pods and SLURM; pass them on other clusters)."""
-    jax.distributed.initialize(**kwargs)
+ENV_COORDINATOR = "SDJAX_COORDINATOR"  # host:port of process 0's coordinator service
+ENV_NUM_PROCESSES = "SDJAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "SDJAX_PROCESS_ID"
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """How to join a multi-process run; None fields are left to JAX's cluster auto-detection (Cloud TPU pod
+    slices, SLURM, Open MPI, Kubernetes: `jax.distributed.initialize()` with no arguments)."""
+
+    coordinator: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self):
+        if self.coordinator is not None and (":" not in self.coordinator
+                                             or not self.coordinator.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"coordinator must be HOST:PORT (process 0's address), got {self.coordinator!r}")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"num_processes must be an integer >= 1, got {self.num_processes}")
+        if self.process_id is not None and (self.process_id < 0 or (
+                self.num_processes is not None and self.process_id >= self.num_processes)):
+            raise ValueError(f"process_id must be an integer in [0, num_processes), got {self.process_id}")
+
+
+def distributed_from(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                     environ: Mapping[str, str], auto: bool = False) -> Distributed | None:
+    """The multi-process settings from flags, falling back to $SDJAX_COORDINATOR, $SDJAX_NUM_PROCESSES and
+    $SDJAX_PROCESS_ID in `environ` (resolved once, by the CLI, never while tracing). None: a single-process run
+    (nothing given and not `auto`); auto=True with nothing given leaves all three to JAX's auto-detection."""
+    def number(value: int | None, name: str) -> int | None:
+        if value is not None or not environ.get(name, "").strip():
+            return value
+        try:
+            return int(environ[name])
+        except ValueError:
+            raise ValueError(f"${name} must be an integer, got {environ[name]!r}") from None
+
+    coordinator = coordinator or environ.get(ENV_COORDINATOR, "").strip() or None
+    num_processes = number(num_processes, ENV_NUM_PROCESSES)
+    process_id = number(process_id, ENV_PROCESS_ID)
+    if not auto and coordinator is None and num_processes is None and process_id is None:
+        return None
+    return Distributed(coordinator, num_processes, process_id)
+
+
+def initialize(config: Distributed | None = None) -> None:
+    """Joins this process to a multi-process run: `jax.distributed.initialize` with `config`'s fields (None ones,
+    or config=None, are auto-detected by JAX on TPU pod slices, SLURM, Open MPI and Kubernetes). Call it in every
+    process before anything touches a device (loading a pipeline does). A second call is a no-op. On CPU, JAX's
+    default collectives (gloo in jax 0.10) carry the cross-process traffic."""
+    if jax.distributed.is_initialized():
+        return
+    config = config or Distributed()
+    jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
+                               process_id=config.process_id)
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -57,10 +114,61 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
-def put_batch(tree: Any, mesh: Mesh) -> Any:
+def put_batch(tree: Any, mesh: Mesh, *, local: bool = False) -> Any:
+    """Host arrays -> global arrays sharded over the mesh's batch axis (axis 0).
+
+    local=False: every process passes the same global batch [B, ...] (B a multiple of the device count) and
+    each puts only the rows its own devices hold. local=True: each process passes its own rows [B / P, ...]
+    (P processes, its devices' share in mesh order), e.g. the examples its data loader read; the global batch
+    is their concatenation in process order."""
     sharding = batch_sharded(mesh)
-    return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
-                        if jax.process_count() > 1 else jax.device_put(jnp.asarray(a), sharding), tree)
+
+    def put(a):
+        if local:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(a))
+        if jax.process_count() == 1:
+            return jax.device_put(jnp.asarray(a), sharding)
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (batch-sharded) global array -> the whole array on this process's host. Rows on other processes'
+    devices come by an all-gather, a collective: every process must call this for the same arrays."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def row_processes(mesh: Mesh, size: int) -> np.ndarray:
+    """[size] int: the process whose devices hold each row of a batch of `size` (a multiple of the device count)
+    sharded over `mesh`; contiguous blocks of size / devices rows per device, in mesh order."""
+    n = mesh.devices.size
+    if size % n:
+        raise ValueError(f"a batch of {size} cannot be split evenly over {n} devices")
+    owners = np.array([d.process_index for d in mesh.devices.flat])
+    return np.repeat(owners, size // n)
+
+
+def sync(name: str) -> None:
+    """Waits until every process got here (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def all_processes_max(values: np.ndarray) -> np.ndarray:
+    """Element-wise max of an int array over all processes (each passes one of the same shape)."""
+    if jax.process_count() == 1:
+        return np.asarray(values)
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.asarray(values))  # [processes, *shape]
+    return np.asarray(gathered).max(axis=0)
 
 
 # XLA:GPU in jax 0.10.2 fails to compile SD1.5 programs with "Couldn't find output tile sizes" for Triton GEMM

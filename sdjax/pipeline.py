@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import os
 import secrets
 import sys
@@ -27,6 +28,20 @@ from sdjax.vae import VAE
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MAX_SEED = 2**32 - 1
+
+# Upper bounds on a request, checked before any work (here for the API, by the CLI for its flags). They catch
+# typos that would otherwise load, compile and run for minutes, or exhaust memory; `allow_large=True` (CLI:
+# --no-limits) lifts the size, count and guidance bounds, never MAX_STEPS.
+MAX_SIZE = 2048  # pixels per side. SD1.5 is trained at 512; at 2048 its first attention layers already see
+#                  256x256 = 65536 latent tokens (a 16 GiB score matrix per head and image without flash
+#                  attention) and the VAE decoder's activations take several GiB per image.
+MAX_STEPS = 1000  # a schedule cannot have more steps than the scheduler's training timesteps (num_train_timesteps,
+#                   1000 for SD); a hard bound, checked against the loaded scheduler config too
+MAX_BATCH = 256  # images in one call (API: prompts per call; CLI: --batch-size), 32 per chip on a v5e-8
+MAX_IMAGES = 10_000  # images in one CLI run (--num-images), made MAX_BATCH or --batch-size at a time
+MAX_GUIDANCE_SCALE = 100.0  # |guidance_scale|: 7.5 is usual, A1111 stops at 30; larger only oversaturates
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # guidance_scale runs as float32: beyond this it is inf
+LIFT = "allow_large=True lifts the bound"
 
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -121,9 +136,10 @@ class Pipeline:
         recompiles, and inference runs at the base model's speed."""
         from sdjax import lora
 
+        specs = _lora_specs(loras)  # finite scales, existing files
         base = {k: v for k, v in self.base_params.items() if k in lora.COMPONENTS}
         cfgs = {"unet": self.models.unet.config, "text_encoder": self.models.text_encoder.config}
-        merged = lora.apply_files(base, list(loras), configs=cfgs) if loras else base
+        merged = lora.apply_files(base, specs, configs=cfgs) if specs else base
         self.params = parallel.put_replicated({**self.base_params, **merged}, self.mesh)
         return self
 
@@ -133,70 +149,82 @@ class Pipeline:
     def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
                 steps: int = 50, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
                 seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
-                latents: np.ndarray | None = None, progress: bool | None = None) -> Generation:
-        """Text to image. One image per prompt; `seeds` is one int per image (an int s gives s, s+1, ...;
-        None draws random seeds, returned in the result). `latents` [B, h/8, w/8, 4] replaces the seeded
-        starting noise (unscaled standard normal, like the reference's `latents=`)."""
-        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler)
-        return self._generate("txt2img", req, self._batch(req, latents), progress, height=req.height,
-                              width=req.width)
+                latents: np.ndarray | None = None, progress: bool | None = None,
+                allow_large: bool = False) -> Generation:
+        """Text to image. One image per prompt; `seeds` is one int per image (an int s in [0, MAX_SEED] gives
+        s, s+1, ... mod 2**32; None draws random seeds, returned in the result). `latents` [B, h/8, w/8, 4]
+        replaces the seeded starting noise (unscaled standard normal, like the reference's `latents=`).
+        allow_large=True lifts the MAX_SIZE / MAX_BATCH / MAX_GUIDANCE_SCALE bounds."""
+        _check_bools(progress=progress, allow_large=allow_large)
+        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
+                             latents=latents, allow_large=allow_large)
+        return self._generate("txt2img", req, self._batch(req), progress, height=req.height, width=req.width)
 
     def img2img(self, images, prompts: str | Sequence[str], strength: float = 0.8,
                 negative_prompts: str | Sequence[str] | None = None, *, steps: int = 50,
                 guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                 seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
-                latents: np.ndarray | None = None, progress: bool | None = None) -> Generation:
+                latents: np.ndarray | None = None, progress: bool | None = None,
+                allow_large: bool = False) -> Generation:
         """Image to image, as diffusers' img2img: the last int(steps * strength) steps run from the image's
         latents noised to that level. strength 0 returns the input unchanged; 1 starts from (almost) pure noise.
         images: PIL images or arrays [H, W, 3] (one per prompt); sizes follow `sdjax.images`' rules.
         latents: optional [B, h/8, w/8, 4] standard-normal noise replacing the seeded draw."""
-        strength = _check_strength(strength)
-        pixels, height, width = sdimages.prepare_images(images, height, width, self.models.vae_scale)
-        req = self._validate(_per_image(prompts, pixels), negative_prompts, seeds, steps, guidance_scale, height,
-                             width, scheduler, strength=strength)
-        _check_count("images", len(pixels), len(req.prompts))
-        return self._generate("img2img", req, {**self._batch(req, latents), "pixels": pixels}, progress)
+        _check_bools(progress=progress, allow_large=allow_large)
+        arrays, req = self._validate_images(images, prompts, negative_prompts, seeds, steps, guidance_scale, height,
+                                            width, scheduler, strength, latents, allow_large)
+        pixels = sdimages.fit_images(arrays, req.height, req.width)
+        return self._generate("img2img", req, {**self._batch(req), "pixels": pixels}, progress)
 
     def inpaint(self, images, masks, prompts: str | Sequence[str], strength: float = 1.0,
                 negative_prompts: str | Sequence[str] | None = None, *, steps: int = 50,
                 guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                 seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
                 latents: np.ndarray | None = None, paste_back: bool = False, blend: bool | None = None,
-                progress: bool | None = None) -> Generation:
+                progress: bool | None = None, allow_large: bool = False) -> Generation:
         """Repaints the white (1) part of each mask. A 9-channel inpainting UNet is used as such (blend=False,
         the default for it); a 4-channel UNet inpaints by mask blending (see `sampling.inpaint`). paste_back
         copies the original pixels back outside the mask. masks: single-channel, each of its image's size."""
-        strength = _check_strength(strength)
+        _check_bools(paste_back=paste_back, blend=blend, progress=progress, allow_large=allow_large)
         dedicated = self.models.unet.config.in_channels == 9
         if blend is None:
             blend = not dedicated
         if dedicated == blend:
             raise ValueError(f"blend={blend} does not fit this UNet ({self.models.unet.config.in_channels} input "
                              "channels): mask blending needs a 4-channel UNet, blend=False a 9-channel one")
-        pixels, height, width = sdimages.prepare_images(images, height, width, self.models.vae_scale)
-        mask_arr = sdimages.prepare_masks(masks, images, height, width)
-        req = self._validate(_per_image(prompts, pixels), negative_prompts, seeds, steps, guidance_scale, height,
-                             width, scheduler, strength=strength)
-        _check_count("images", len(pixels), len(req.prompts))
-        batch = {**self._batch(req, latents), "pixels": pixels, "masks": mask_arr}
+        arrays, req = self._validate_images(images, prompts, negative_prompts, seeds, steps, guidance_scale, height,
+                                            width, scheduler, strength, latents, allow_large)
+        mask_arr = sdimages.prepare_masks(masks, images, req.height, req.width)
+        pixels = sdimages.fit_images(arrays, req.height, req.width)
+        batch = {**self._batch(req), "pixels": pixels, "masks": mask_arr}
         return self._generate("inpaint", req, batch, progress, dedicated=dedicated, paste_back=bool(paste_back))
 
     def _validate(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
-                  strength=None) -> Request:
+                  strength=None, latents=None, allow_large=False) -> Request:
         return validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
-                                self.models.vae_scale, strength=strength)
+                                self.models.vae_scale, strength=strength, latents=latents,
+                                latent_channels=self.models.latent_channels,
+                                max_steps=self.scheduler_config.num_train_timesteps, allow_large=allow_large)
 
-    def _batch(self, req: Request, latents) -> dict[str, np.ndarray]:
+    def _validate_images(self, images, prompts, negative_prompts, seeds, steps, guidance_scale, height, width,
+                         scheduler, strength, latents, allow_large) -> tuple[list[np.ndarray], Request]:
+        """img2img/inpaint: the checked input images (not yet resized) and the request at their output size."""
+        if strength is None:  # validate_request's None means "no strength" (txt2img)
+            raise TypeError("strength must be a number in [0, 1], got None")
+        arrays = sdimages.image_arrays(images)
+        height, width = sdimages.output_size(arrays[0], height, width, self.models.vae_scale,
+                                             None if allow_large else MAX_SIZE)
+        req = self._validate(_per_image(prompts, arrays), negative_prompts, seeds, steps, guidance_scale, height,
+                             width, scheduler, strength, latents, allow_large)
+        _check_count("images", len(arrays), len(req.prompts))
+        return arrays, req
+
+    def _batch(self, req: Request) -> dict[str, np.ndarray]:
         """The host arrays every job starts from: token ids, seeds, and the caller's starting noise if any."""
         batch = {"ids": self.tokenizer(req.prompts), "neg_ids": self.tokenizer(req.negative_prompts),
                  "seeds": np.asarray(req.seeds, np.uint32)}
-        if latents is not None:
-            s = self.models.vae_scale
-            shape = (len(req.prompts), req.height // s, req.width // s, self.models.latent_channels)
-            batch["latents"] = np.asarray(latents, np.float32)
-            if batch["latents"].shape != shape:
-                raise ValueError(f"latents must have shape {list(shape)} for {shape[0]} image(s) at "
-                                 f"{req.height}x{req.width}, got {list(batch['latents'].shape)}")
+        if req.latents is not None:
+            batch["latents"] = req.latents
         return batch
 
     def _generate(self, job: str, req: Request, batch: dict[str, np.ndarray], progress: bool | None,
@@ -218,7 +246,8 @@ class Pipeline:
             out, final = self._jitted(job)(self.params, parallel.put_replicated(schedule, self.mesh), batch,
                                            jnp.float32(req.guidance_scale), *args, use_cfg=req.use_cfg,
                                            progress=self._progress if show else None, **static)
-        pixels, final = np.asarray(jax.device_get(out))[:b], np.asarray(jax.device_get(final))[:b]
+        # Multi-process: every process made this same call and gets the whole batch back (an all-gather).
+        pixels, final = parallel.to_host(out)[:b], parallel.to_host(final)[:b]
         return self._result(pixels, final, req, schedule, **({"paste_back": static["paste_back"]}
                                                             if "paste_back" in static else {}))
 
@@ -255,21 +284,22 @@ def jit_job(models: sampling.Models, mesh, job: str):
                    out_shardings=parallel.batch_sharded(mesh), compiler_options=parallel.compiler_options(mesh))
 
 
-def _check_strength(strength) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
-            or not 0.0 <= float(strength) <= 1.0:
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    return float(strength)
-
-
-def _per_image(prompts, pixels: np.ndarray):
+def _per_image(prompts, images: Sequence):
     """A single prompt string stands for every image."""
-    return [prompts] * len(pixels) if isinstance(prompts, str) else prompts
+    return [prompts] * len(images) if isinstance(prompts, str) else prompts
 
 
 def _check_count(name: str, n: int, b: int) -> None:
     if n != b:
         raise ValueError(f"{name} must be one per prompt: got {n} for {b} prompt(s)")
+
+
+def _check_bools(**flags) -> None:
+    """Switches (progress, paste_back, ...) are True/False (None where that means "the default")."""
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False{' (or None)' if name in ('progress', 'blend') else ''}, "
+                            f"got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +315,7 @@ class Request:
     height: int = 512
     width: int = 512
     strength: float | None = None  # img2img / inpaint; None for txt2img
+    latents: np.ndarray | None = None  # float32 [B, height/8, width/8, C]: the caller's starting noise, if any
 
     @property
     def use_cfg(self) -> bool:
@@ -292,48 +323,158 @@ class Request:
         return self.guidance_scale > 1.0
 
 
+def _integer(value) -> int | None:
+    """value as an int if it is one (Python/numpy integer or a 0-d integer array; never a bool), else None."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
+        value = value.item()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return None
+
+
+def _real(value) -> float | None:
+    """value as a float if it is a real number (int, float, numpy scalar or 0-d array; never a bool), else None."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range
+            return math.inf
+    return None
+
+
+def _texts(value, name: str) -> list[str]:
+    """A list of prompts: a list/tuple (any non-string Sequence) of str, each storable as UTF-8."""
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    texts = list(value)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{name} must be a string or a list of strings, got {type(t).__name__} at {name}[{i}]")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{name}[{i}] is not valid UTF-8 text (it holds a lone surrogate)") from None
+    return texts
+
+
+def _seed_list(seeds, b: int) -> list[int]:
+    """seeds -> one int per image. A scalar s in [0, MAX_SEED] gives s, s+1, ... (mod 2**32, so the last
+    seeds wrap around to 0: the CLI's documented S..S+N-1); None draws random seeds."""
+    allowed = f"an integer in [0, {MAX_SEED}], a list of {b} such integers (one per prompt), or None"
+    if seeds is None:
+        return [secrets.randbelow(MAX_SEED + 1) for _ in range(b)]
+    scalar = _integer(seeds)
+    if scalar is not None:
+        if not 0 <= scalar <= MAX_SEED:
+            raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {scalar}")
+        return [(scalar + i) % (MAX_SEED + 1) for i in range(b)]
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (Sequence, np.ndarray)) \
+            or (isinstance(seeds, np.ndarray) and seeds.ndim != 1):
+        raise TypeError(f"seeds must be {allowed}, got {_describe(seeds)}")
+    if len(seeds) != b:
+        raise ValueError(f"seeds must be an int or a list of {b} ints (one per prompt), got {len(seeds)}")
+    out = []
+    for s in seeds:
+        value = _integer(s)
+        if value is None:
+            raise TypeError(f"seeds must be integers in [0, {MAX_SEED}], got {s!r}")
+        if not 0 <= value <= MAX_SEED:
+            raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {value}")
+        out.append(value)
+    return out
+
+
+def _describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {list(value.shape)} and dtype {value.dtype}"
+    return f"{value!r}" if isinstance(value, (int, float, str)) else type(value).__name__
+
+
+def _check_size(name: str, value, multiple: int, allow_large: bool) -> int:
+    size = _integer(value)
+    if size is None:
+        raise TypeError(f"{name} must be an integer (a positive multiple of {multiple}), got {_describe(value)}")
+    if size < multiple or size % multiple:
+        raise ValueError(f"{name} must be a positive multiple of {multiple}, got {size}"
+                         + ("" if allow_large else f" (at most {MAX_SIZE})"))
+    if not allow_large and size > MAX_SIZE:
+        raise ValueError(f"{name} must be a positive multiple of {multiple} in [{multiple}, {MAX_SIZE}], got {size}; "
+                         f"{LIFT}")
+    return size
+
+
+def _check_latents(latents, shape: tuple[int, ...], size: str) -> np.ndarray:
+    try:
+        dtype = np.asarray(latents).dtype
+    except ValueError:  # ragged nested lists
+        dtype = np.dtype(object)
+    # 'V' covers ml_dtypes' bfloat16 (jax arrays); bool, complex, strings and objects are no noise
+    if dtype.kind not in "iufV":
+        raise TypeError(f"latents must be a float array, got dtype {dtype}")
+    arr = np.asarray(latents, np.float32)
+    if arr.shape != shape:
+        raise ValueError(f"latents must have shape {list(shape)} for {shape[0]} image(s) at {size}, "
+                         f"got {list(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"latents must be finite: {int((~np.isfinite(arr)).sum())} NaN/inf value(s) "
+                         "(as float32)")
+    return arr
+
+
 def validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
-                     multiple: int = 8, *, strength: float | None = None) -> Request:
-    """Checks every argument before any heavy work; errors name the argument and what is allowed."""
+                     multiple: int = 8, *, strength: float | None = None, latents=None, latent_channels: int = 4,
+                     max_steps: int = MAX_STEPS, allow_large: bool = False, max_images: int = MAX_BATCH) -> Request:
+    """Checks every argument before any heavy work; errors name the argument and what is allowed (TypeError
+    for a wrong kind of value, ValueError for a value out of range). max_steps: the scheduler's
+    num_train_timesteps; allow_large lifts MAX_SIZE, MAX_GUIDANCE_SCALE and the count bound `max_images`
+    (MAX_BATCH: one call's; the CLI validates a whole run, up to MAX_IMAGES)."""
     if isinstance(prompts, str):
         prompts = [prompts] * (len(seeds) if isinstance(seeds, (list, tuple)) else 1)
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a string or a non-empty list of strings")
+    prompts = _texts(prompts, "prompts")
+    if not prompts:
+        raise ValueError("prompts must be a string or a non-empty list of strings, got an empty list")
     b = len(prompts)
+    if not allow_large and b > max_images:
+        raise ValueError(f"prompts: at most {max_images} images per call, got {b}; {LIFT} (or make several calls)")
     if negative_prompts is None:
         negative_prompts = [""] * b
     elif isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts] * b
-    negative_prompts = list(negative_prompts)
-    if len(negative_prompts) != b or not all(isinstance(p, str) for p in negative_prompts):
+    negative_prompts = _texts(negative_prompts, "negative_prompts")
+    if len(negative_prompts) != b:
         raise ValueError(f"negative_prompts must be a string or a list of {b} strings (one per prompt), "
                          f"got {len(negative_prompts)} entries")
-    if seeds is None:
-        seeds = [secrets.randbelow(MAX_SEED + 1) for _ in range(b)]
-    elif isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
-        seeds = [(int(seeds) + i) % (MAX_SEED + 1) for i in range(b)]
-    seeds = list(seeds)
-    if len(seeds) != b:
-        raise ValueError(f"seeds must be an int or a list of {b} ints (one per prompt), got {len(seeds)}")
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
-            raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {s!r}")
-    seeds = [int(s) for s in seeds]
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)) \
-            or not np.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < multiple \
-                or value % multiple:
-            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
-    if scheduler is not None and scheduler not in schedulers.SCHEDULER_NAMES:
+    seeds = _seed_list(seeds, b)
+    n_steps = _integer(steps)
+    if n_steps is None:
+        raise TypeError(f"steps must be an integer in [1, {max_steps}], got {_describe(steps)}")
+    if not 1 <= n_steps <= max_steps:
+        raise ValueError(f"steps must be an integer >= 1 and <= {max_steps} (the scheduler's num_train_timesteps: "
+                         f"a schedule has at most that many steps), got {n_steps}")
+    scale = _real(guidance_scale)
+    if scale is None:
+        raise TypeError(f"guidance_scale must be a finite number, got {_describe(guidance_scale)}")
+    if not np.isfinite(scale) or abs(scale) > _FLOAT32_MAX:
+        raise ValueError(f"guidance_scale must be a finite number (float32), got {guidance_scale!r}")
+    if not allow_large and abs(scale) > MAX_GUIDANCE_SCALE:
+        raise ValueError(f"guidance_scale must be a finite number in [-{MAX_GUIDANCE_SCALE:g}, "
+                         f"{MAX_GUIDANCE_SCALE:g}], got {guidance_scale!r}; {LIFT}")
+    height = _check_size("height", height, multiple, allow_large)
+    width = _check_size("width", width, multiple, allow_large)
+    if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in schedulers.SCHEDULER_NAMES):
         raise ValueError(f"scheduler={scheduler!r} is not known; choose one of "
-                         f"{', '.join(schedulers.SCHEDULER_NAMES)}")
-    return Request(prompts, negative_prompts, seeds, scheduler, int(steps), float(guidance_scale), int(height),
-                   int(width), strength)
+                         f"{', '.join(schedulers.SCHEDULER_NAMES)} (or None: the checkpoint's own)")
+    if strength is not None:
+        value = _real(strength)
+        if value is None or not 0.0 <= value <= 1.0:  # NaN fails the comparison too
+            raise (TypeError if value is None else ValueError)(f"strength must be a number in [0, 1], got {strength!r}")
+        strength = value
+    if latents is not None:
+        latents = _check_latents(latents, (b, height // multiple, width // multiple, latent_channels),
+                                 f"{height}x{width}")
+    return Request(prompts, negative_prompts, seeds, scheduler, n_steps, scale, height, width, strength, latents)
 
 
 def to_pil(pixels: np.ndarray) -> list[Image.Image]:
@@ -366,32 +507,92 @@ class _progress_bar:
 
 def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = "float32",
                   variant: str | None = None, devices: Sequence[jax.Device] | None = None,
-                  compilation_cache: str | os.PathLike | None = None, attention: str | None = None) -> Pipeline:
+                  compilation_cache: str | os.PathLike | None = None, attention: str | None = None,
+                  loras: Sequence[str | tuple[str | os.PathLike, float]] = ()) -> Pipeline:
     """A diffusers-format folder or hub id -> Pipeline with params of `dtype` replicated on every device.
 
     compilation_cache: a folder for JAX's persistent compilation cache (`process.enable_compilation_cache`, a
     process-wide setting); None leaves the process's setting as it is ("off" or "" too).
     attention: one of `layers.IMPLEMENTATIONS` for every attention layer; None chooses per layer for the
-    devices' platform (`layers.AttentionConfig`)."""
+    devices' platform (`layers.AttentionConfig`).
+    loras: LoRA files merged into the weights (as `Pipeline.set_loras`): [(path, scale), ...] or "FILE[:SCALE]".
+
+    Everything cheap is checked before any weights are read: the arguments, the folder, the three component
+    configs, the scheduler config, the tokenizer and every LoRA file against the configs (`lora.LoRAError`)."""
+    from sdjax import lora_files
+
     dtype = convert.parse_dtype(dtype)
     if attention is not None and attention not in IMPLEMENTATIONS:
         raise ValueError(f"attention={attention!r} is not one of {', '.join(IMPLEMENTATIONS)} (or None: chosen "
                          "per layer for the devices)")
+    lora_list = _lora_specs(loras)
     folder = io.resolve_model(path_or_id, variant=variant)
-    if compilation_cache is not None:
-        process.enable_compilation_cache(compilation_cache)
-    cfgs, params = {}, {}
-    for kind in ("text_encoder", "unet", "vae"):
-        cfgs[kind], params[kind] = checkpoint.load(folder / kind, kind, dtype=dtype, variant=variant)
+    cfgs = {kind: checkpoint.read_config(folder / kind, kind) for kind in ("text_encoder", "unet", "vae")}
     sched_path = folder / "scheduler" / "scheduler_config.json"
     if sched_path.exists():
         sched = io.read_json(sched_path)
+        if not isinstance(sched, dict):
+            raise ValueError(f"{sched_path} must hold a JSON object, got {type(sched).__name__}")
     else:
         warnings.warn(f"{folder} has no scheduler/scheduler_config.json: using SD1.5's (PNDM, scaled-linear betas)",
                       stacklevel=2)
         sched = dict(SD15_SCHEDULER)
+    try:  # raise on an unsupported schedule, naming the file
+        schedulers.SchedulerConfig.from_dict(sched)
+        schedulers.from_diffusers_config(sched)
+    except ValueError as err:
+        where = sched_path if sched_path.exists() else "SD1.5's default scheduler config"
+        raise checkpoint.CheckpointError(f"{where}: {err}") from err
+    tokenizer = load_tokenizer(folder)
+    lora_cfgs = {"unet": cfgs["unet"], "text_encoder": cfgs["text_encoder"]}
+    for path, _ in lora_list:
+        _check_lora_file(lora_files, path, lora_cfgs)
+    if compilation_cache is not None:
+        process.enable_compilation_cache(compilation_cache)
+    params = {}
+    for kind in ("text_encoder", "unet", "vae"):
+        cfgs[kind], params[kind] = checkpoint.load(folder / kind, kind, dtype=dtype, variant=variant)
     models = sampling.Models(TextEncoder(cfgs["text_encoder"], dtype=dtype), UNet(cfgs["unet"], dtype=dtype),
                              VAE(cfgs["vae"], dtype=dtype))
     mesh = parallel.make_mesh(devices)
-    return Pipeline(models, params, load_tokenizer(folder), sched, mesh=mesh, source=str(path_or_id),
-                    attention=attention)
+    pipe = Pipeline(models, params, tokenizer, sched, mesh=mesh, source=str(path_or_id), attention=attention)
+    return pipe.set_loras(lora_list) if lora_list else pipe
+
+
+def _lora_specs(loras) -> list[tuple[str, float]]:
+    """`loras` of load_pipeline / set_loras -> [(path, finite scale)]; the files exist (their contents are read
+    as safetensors, never unpickled)."""
+    from sdjax import lora_files
+    from sdjax.lora import LoRAError
+
+    if isinstance(loras, (str, bytes, os.PathLike)) or not isinstance(loras, Sequence):
+        raise TypeError(f"loras must be a list of (path, scale) pairs or 'FILE[:SCALE]' strings, got {loras!r}")
+    out = []
+    for item in loras:
+        if isinstance(item, str):
+            path, scale = lora_files.parse_spec(item)
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, os.PathLike)):
+            path, value = os.fspath(item[0]), _real(item[1])
+            if value is None or not math.isfinite(value):
+                raise LoRAError(f"LoRA scale must be a finite number, got {item[1]!r} for {path!r}")
+            scale = value
+        else:
+            raise TypeError(f"loras entries must be (path, scale) pairs or 'FILE[:SCALE]' strings, got {item!r}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"LoRA file {path!r} does not exist" if not os.path.exists(path)
+                                    else f"LoRA file {path!r} is not a file")
+        out.append((path, scale))
+    return out
+
+
+def _check_lora_file(lora_files, path: str, configs: dict) -> None:
+    """A LoRA file fits the model whose configs these are (`lora_files.check`), before any weights load;
+    any problem with the file (unreadable, corrupt, not fitting) is a LoRAError naming it."""
+    from sdjax.lora import LoRAError
+
+    try:
+        lora_files.check(path, configs)
+    except LoRAError:
+        raise
+    except (OSError, ValueError) as err:
+        raise LoRAError(f"LoRA file {path!r}: {err}") from err

@@ -77,6 +77,21 @@ def _bad_value(field: str, value: Any, allowed: tuple) -> ValueError:
     return ValueError(f"unsupported {field}={value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and bool(np.isfinite(value))
+
+
+def _require_mapping(config: Any) -> None:
+    if not isinstance(config, Mapping):
+        raise ValueError(f"a scheduler config must be a JSON object of fields, got {type(config).__name__} "
+                         f"{config!r:.60}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     """The training noise schedule (from a diffusers `scheduler_config.json`).
@@ -99,12 +114,25 @@ class SchedulerConfig:
         for field, allowed in _ALLOWED.items():
             if getattr(self, field) not in allowed:
                 raise _bad_value(field, getattr(self, field), allowed)
-        if self.num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+        if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be an integer >= 1, got {self.num_train_timesteps!r}")
+        for field in ("beta_start", "beta_end"):
+            value = getattr(self, field)
+            if not _is_number(value) or not 0 < value < 1:
+                raise ValueError(f"{field} must be a number in (0, 1), got {value!r}")
+        if self.beta_end < self.beta_start:
+            raise ValueError(f"beta_end must be >= beta_start (the noise grows over the schedule), got "
+                             f"beta_start={self.beta_start!r}, beta_end={self.beta_end!r}")
+        if not _is_int(self.steps_offset) or self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be an integer >= 0, got {self.steps_offset!r}")
+        if not isinstance(self.set_alpha_to_one, (bool, np.bool_)):
+            raise ValueError(f"set_alpha_to_one must be true or false, got {self.set_alpha_to_one!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SchedulerConfig:
-        """Reads a diffusers scheduler config dict; raises ValueError on values that matter but are unsupported."""
+        """Reads a diffusers scheduler config dict; raises ValueError naming the field on values that matter but
+        are unsupported, of the wrong type or out of range."""
+        _require_mapping(d)
         for field, allowed in _REQUIRED.items():
             if field in d and d[field] not in allowed:
                 raise _bad_value(field, d[field], allowed)
@@ -623,7 +651,10 @@ def from_diffusers_config(config: Mapping[str, Any], default: str = "pndm") -> s
     `diffusers_config` values it all has, the most specific one winning (DPMSolverMultistepScheduler with
     use_karras_sigmas=True -> "dpmpp_2m_karras", without -> "dpmpp_2m"); `default` (Stable Diffusion v1.5's
     own sampler) for a class no entry reproduces."""
+    _require_mapping(config)
     cls = config.get("_class_name")
+    if cls is not None and not isinstance(cls, str):
+        raise ValueError(f"scheduler config field '_class_name' must be a class name string, got {cls!r}")
     matches = [entry for entry in SAMPLERS.values() if entry.diffusers_class == cls
                and all(config.get(k) == v for k, v in entry.diffusers_config.items())]
     return max(matches, key=lambda entry: len(entry.diffusers_config)).name if matches else default

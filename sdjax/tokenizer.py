@@ -16,7 +16,7 @@ from typing import cast
 
 import numpy as np
 
-from sdjax.io import PathLike
+from sdjax.io import CheckpointError, PathLike, read_json
 
 CLIP_VOCAB_PATH = pathlib.Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MAX_LENGTH = 77
@@ -81,9 +81,15 @@ class ClipTokenizer:
             raise FileNotFoundError(
                 f"Tokenizer folder {str(folder)!r} has neither tokenizer.json nor vocab.json + merges.txt."
             )
-        hf = CLIPTokenizer.from_pretrained(str(folder))
+        _check_files(folder)
+        try:
+            hf = CLIPTokenizer.from_pretrained(str(folder))
+        except Exception as err:  # transformers/tokenizers raise many types for broken files; all mean the same
+            raise CheckpointError(f"Tokenizer in {str(folder)!r} could not be loaded: {type(err).__name__}: {err}"
+                                  ) from err
         if len(hf) < 1000:
-            raise ValueError(f"Tokenizer in {str(folder)!r} loaded with only {len(hf)} tokens; its files are broken.")
+            raise CheckpointError(
+                f"Tokenizer in {str(folder)!r} loaded with only {len(hf)} tokens; its files are broken.")
         length = hf.model_max_length if 0 < hf.model_max_length < 1_000_000 else CLIP_MAX_LENGTH
         return cls(hf, length)
 
@@ -115,8 +121,41 @@ class ClipTokenizer:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+# The tokenizer files a folder may hold: JSON objects, and for vocab.json one of token -> id.
+_JSON_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _check_files(folder: pathlib.Path) -> None:
+    """Raises CheckpointError naming the file when a tokenizer file present in `folder` is not what it should be
+    (cheap: JSON parses and a few type checks, before transformers reads them)."""
+    for name in _JSON_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = read_json(path)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{str(path)!r} must hold a JSON object, got a JSON {type(data).__name__}.")
+        if name == "tokenizer.json" and not isinstance(data.get("model"), dict):
+            raise CheckpointError(f"{str(path)!r} has no 'model' object (a tokenizers BPE model with 'vocab' and "
+                                  "'merges').")
+        if name == "vocab.json" and not all(isinstance(v, int) for v in data.values()):
+            raise CheckpointError(f"{str(path)!r} must map every token to an integer id.")
+    merges = folder / "merges.txt"
+    if merges.is_file():
+        try:
+            merges.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise CheckpointError(f"{str(merges)!r} is not UTF-8 text ({err}).") from err
+
+
 def load_tokenizer(model_folder: PathLike) -> ClipTokenizer:
-    """The tokenizer of a diffusers folder (``model_folder/tokenizer``), else the shipped SD1.5 one (with a warning)."""
+    """The tokenizer of a diffusers folder (``model_folder/tokenizer``), else the shipped SD1.5 one (with a warning).
+
+    A ``tokenizer/`` folder without tokenizer files raises FileNotFoundError naming it; broken files raise
+    CheckpointError (a ValueError) naming the file or folder. No model weights are involved."""
     folder = pathlib.Path(model_folder) / "tokenizer"
     if folder.is_dir():
         return ClipTokenizer.from_folder(folder)

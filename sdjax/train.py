@@ -5,8 +5,9 @@
     result = train_lora("my_images/", "stable-diffusion-v1-5/stable-diffusion-v1-5", "runs/me", cfg)
     # runs/me/checkpoints/<step>/ (orbax), runs/me/samples/*.png, runs/me/lora.safetensors, runs/me/metrics.jsonl
 
-The objective and the precision are `sdjax.train_step`'s. The command line (`sdjax train-lora`, parsed in
-`sdjax.cli`) runs `run_train_lora`.
+Every setting, the data, the out folder and the model's configs are checked before the model loads and
+before anything is written (`check_run`). The objective and the precision are `sdjax.train_step`'s. The
+command line (`sdjax train-lora`, parsed in `sdjax.cli`) runs `run_train_lora`.
 
 Steps: `cfg.steps` counts optimizer updates; each update averages `cfg.grad_accum` micro-batches
 (`optax.MultiSteps`). Checkpoints are numbered by micro-step (`state.step`, = updates x grad_accum).
@@ -22,8 +23,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -44,12 +47,14 @@ from sdjax.train_step import (
     TAG_INIT,
     TAG_POSTERIOR,
     TAG_STEPS,
+    ConfigError,
     TrainConfig,
     init_lora,
     learning_rate,
     make_optimizer,
     make_train_step,
     merge,
+    target_patterns,
 )
 from sdjax.vae import VAE
 
@@ -73,6 +78,17 @@ class TrainResult:
     stopped: bool  # ended early by SIGTERM/SIGINT (after saving)
     out: Path
     export: Path | None
+    stop_signal: int | None = None  # the signal that stopped it (signal.SIGTERM or signal.SIGINT), if stopped
+
+
+class InputError(ValueError):
+    """The data or the model named by an argument of `train_lora` cannot be used (no such folder, no images,
+    a missing caption, an unreadable image, a model that does not load). `field` names the argument ("data_dir"
+    or "model"); the message names the file; the original error is the __cause__."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 class Checkpointer:
@@ -127,8 +143,9 @@ class Checkpointer:
 
 class StopSignals:
     """Context manager: SIGTERM/SIGINT set `self.received` instead of killing the process, so the training
-    loop can finish its step, save and return. A second SIGINT raises KeyboardInterrupt at once. Handlers are
-    installed only on the main thread and restored on exit."""
+    loop can finish its step, save and return. A second SIGINT goes to the handler installed before (the CLI's
+    exit-now, Python's KeyboardInterrupt in a notebook), or raises KeyboardInterrupt when that is not a Python
+    function (SIG_DFL, SIG_IGN). Handlers are installed only on the main thread and restored on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -138,6 +155,10 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.received == signal.SIGINT and signum == signal.SIGINT:
+            previous = self._previous.get(signal.SIGINT)
+            if callable(previous):
+                previous(signum, frame)
+                return
             raise KeyboardInterrupt
         self.received = signum
 
@@ -155,7 +176,7 @@ class StopSignals:
 
 def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
                resume: bool = True, progress: bool | None = None, max_steps: int | None = None,
-               export: bool = True) -> TrainResult:
+               export: bool = True, compilation_cache: str | os.PathLike | None = None) -> TrainResult:
     """Trains a LoRA on a folder of captioned images (see `sdjax.data`) and writes into `out`:
     checkpoints/ (orbax; resumed from when resume=True), samples/ (every cfg.sample_every updates),
     metrics.jsonl (one line per micro-step) and lora.safetensors (`lora.save`, cfg.lora_format) at the end.
@@ -164,33 +185,118 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
     cfg.dtype once; they are never modified). SIGTERM/SIGINT stop after the current step with a checkpoint.
     max_steps: stop (with a checkpoint, without the export) after this many micro-steps in total, e.g. to
     run a schedule for cfg.steps in several pieces.
+    compilation_cache: as `load_pipeline`'s (turned on after the checks have passed).
+
+    Everything is checked before the model loads and before anything is written (`check_run`): ConfigError
+    (a ValueError) names a bad setting or argument, InputError (a ValueError) data or a model that cannot be
+    used; `out` is created only after every check has passed.
     """
     from sdjax import pipeline as pipeline_lib
 
     out = Path(out)
-    pipe = model if isinstance(model, pipeline_lib.Pipeline) else pipeline_lib.load_pipeline(model, dtype=cfg.dtype)
+    checked = check_run(data_dir, model, out, cfg, resume=resume, max_steps=max_steps)
+    try:
+        pipe = model if isinstance(model, pipeline_lib.Pipeline) else pipeline_lib.load_pipeline(
+            model, dtype=cfg.dtype, compilation_cache=compilation_cache)
+    except (OSError, ValueError) as e:
+        raise InputError("model", f"could not load {str(model)!r}: {e}") from e
     pipe = pipe.astype(cfg.dtype)
     ckpt = Checkpointer(out / "checkpoints", cfg.keep_last)
     try:
-        if not resume and ckpt.steps():
-            raise ValueError(f"{ckpt.directory} already holds checkpoints {ckpt.steps()}: resume, or use another out")
         optimizer = make_optimizer(cfg)
         state = initial_state(cfg, pipe, optimizer)
-        if cfg.cache_latents and any(p.startswith("text_encoder/") for p in state.lora.paths):
-            raise ValueError("cache_latents fixes the text embeddings, so a text-encoder LoRA would not train; "
-                             "target only the UNet or do not cache")
-        dataset = make_dataset(data_dir, cfg, pipe, out / "latent_cache.safetensors")
+        dataset = make_dataset(data_dir, cfg, pipe, out / "latent_cache.safetensors", folder=checked)
         state = (ckpt.restore_latest(state) if resume else None) or state
         _warn_changed(ckpt.restored_config, cfg)
         step_fn = make_train_step(pipe.models, cfg, optimizer, pipe.mesh, pipe.scheduler_config)
-        state, losses, stopped = _loop(step_fn, state, pipe, dataset, ckpt, cfg, out, progress, max_steps)
+        state, losses, stopped_by = _loop(step_fn, state, pipe, dataset, ckpt, cfg, out, progress, max_steps)
     finally:
         ckpt.close()
     path = None
-    if export and not stopped and state.step >= cfg.steps * cfg.grad_accum:
+    if export and stopped_by is None and state.step >= cfg.steps * cfg.grad_accum:
         path = out / "lora.safetensors"
         lora_lib.save(path, state.lora, format=cfg.lora_format)
-    return TrainResult(state.lora, state.step, losses, stopped, out, path)
+    return TrainResult(state.lora, state.step, losses, stopped_by is not None, out, path, stopped_by)
+
+
+def check_run(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConfig, *, resume: bool = True,
+              max_steps: int | None = None) -> data.ImageCaptionDataset:
+    """`train_lora`'s checks, all before the model loads and writing nothing: the settings, the out folder
+    (a folder or creatable, writable, and without checkpoints unless resuming), the data (every image
+    decoded once and captioned), the device count, and the model's configs (read without weights: the targets
+    must match its kernels). Cheap checks first; a hub id is downloaded only after the others have passed.
+    Returns the checked dataset. Raises ConfigError or InputError (see `train_lora`)."""
+    from sdjax import pipeline as pipeline_lib
+
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a sdjax.train_step.TrainConfig, got {type(cfg).__name__}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError("max_steps", f"must be an integer >= 1 (or None), got {max_steps!r}")
+    _check_out(Path(out), resume)
+    images = _check_data(data_dir, cfg)
+    is_pipe = isinstance(model, pipeline_lib.Pipeline)
+    devices = model.mesh.devices.size if is_pipe else jax.device_count()
+    if cfg.batch_size % devices:
+        raise ConfigError("batch_size", f"must be a multiple of the device count {devices}, got {cfg.batch_size}")
+    shapes = {c: model.params[c] for c in lora_lib.COMPONENTS} if is_pipe else _model_shapes(model)
+    try:
+        paths = lora_lib.select(shapes, target_patterns(cfg.targets))
+    except lora_lib.LoRAError as e:
+        raise ConfigError("targets", str(e)) from None
+    if cfg.cache_latents and any(p.startswith("text_encoder/") for p in paths):
+        raise ConfigError("cache_latents", "cached text embeddings are fixed, so a text-encoder LoRA would not "
+                                           "train: target only the UNet, or do not cache")
+    return images
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """`out` is a folder or can be made one, can be written to (probed: os.access says yes to root on a
+    read-only or virtual file system), and holds no checkpoints unless resuming."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{str(out)!r} is a file, not a folder")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError("out", f"{str(out)!r} cannot be created: {str(existing)!r} is a file")
+    try:  # a uniquely named empty folder, removed at once
+        os.rmdir(tempfile.mkdtemp(prefix=".sdjax-write-probe-", dir=existing))
+    except OSError as e:
+        raise ConfigError("out", f"{str(out)!r} cannot be written ({str(existing)!r}: {e.strerror or e})") from None
+    folder = out / "checkpoints"
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError("out", f"{str(out)!r} cannot be used: {str(folder)!r} is a file, not a folder")
+    # Listed without opening a CheckpointManager, which would create the folder and clean up in it.
+    steps = sorted(ocp.path.step.checkpoint_steps(folder)) if folder.is_dir() else []
+    if steps and not resume:
+        raise ConfigError("resume", f"{str(folder)!r} already holds checkpoints {steps}: resume from them, or "
+                                    "choose another out folder")
+
+
+def _check_data(data_dir: str | Path, cfg: TrainConfig) -> data.ImageCaptionDataset:
+    """The dataset, scanned and every image decoded once (so a bad folder fails before the model loads)."""
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ConfigError("data_dir", f"{str(folder)!r} {what}")
+    try:
+        ds = data.ImageCaptionDataset(folder, cfg.resolution, crop=cfg.crop, random_flip=cfg.random_flip,
+                                      seed=cfg.seed, bad_images=cfg.bad_images)
+        return ds.check()
+    except (OSError, ValueError) as e:
+        raise InputError("data_dir", str(e)) from e
+
+
+def _model_shapes(model: Any) -> dict[str, Any]:
+    """The UNet's and text encoder's parameter shapes from the model folder's configs (no weights read)."""
+    from sdjax import checkpoint, io
+
+    try:
+        folder = io.resolve_model(model)
+        configs = {kind: checkpoint.read_config(folder / kind, kind) for kind in lora_lib.COMPONENTS}
+    except (OSError, ValueError) as e:  # no such folder, a missing or bad config.json (CheckpointError)
+        raise InputError("model", f"could not read {str(model)!r}: {e}") from e
+    return {kind: checkpoint.abstract_params(kind, c) for kind, c in configs.items()}
 
 
 # Settings a resumed run may change without breaking exact continuation.
@@ -207,12 +313,14 @@ def _warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
             f"{k}={saved[k]!r} -> {now.get(k)!r}" for k in changed), stacklevel=3)
 
 
-def make_dataset(data_dir: str | Path, cfg: TrainConfig, pipe,
-                 cache_file: str | Path | None = None) -> data.ImageCaptionDataset | data.CachedDataset:
+def make_dataset(data_dir: str | Path, cfg: TrainConfig, pipe, cache_file: str | Path | None = None, *,
+                 folder: data.ImageCaptionDataset | None = None) -> data.ImageCaptionDataset | data.CachedDataset:
     """The training data of a run: raw images, or their cached latents and text embeddings (kept in
-    `cache_file` when given, and reused from it while the images, captions, model and settings match)."""
-    ds = data.ImageCaptionDataset(data_dir, cfg.resolution, crop=cfg.crop, random_flip=cfg.random_flip,
-                                  seed=cfg.seed, bad_images=cfg.bad_images)
+    `cache_file` when given, and reused from it while the images, captions, model and settings match).
+    folder: the folder's dataset when already made (e.g. checked by `check_run`)."""
+    ds = folder if folder is not None else data.ImageCaptionDataset(
+        data_dir, cfg.resolution, crop=cfg.crop, random_flip=cfg.random_flip, seed=cfg.seed,
+        bad_images=cfg.bad_images)
     if cfg.cache_latents is None:
         return ds
     images, captions = cache_encoders(pipe, cfg)
@@ -261,20 +369,18 @@ def _device_batch(batch: dict, pipe) -> dict:
 
 
 def _loop(step_fn, state: TrainState, pipe, dataset, ckpt: Checkpointer, cfg: TrainConfig, out: Path,
-          progress: bool | None, max_steps: int | None) -> tuple[TrainState, list[float], bool]:
-    """Runs micro-steps until cfg.steps updates (or max_steps), a signal, saving and sampling on the way."""
+          progress: bool | None, max_steps: int | None) -> tuple[TrainState, list[float], int | None]:
+    """Runs micro-steps until cfg.steps updates (or max_steps), a signal, saving and sampling on the way.
+    Returns the state, the losses and the signal that stopped it (None: ran to the end)."""
     total = cfg.steps * cfg.grad_accum
     stop_at = total if max_steps is None else min(total, max_steps)
-    if cfg.batch_size % pipe.mesh.devices.size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the device count "
-                         f"{pipe.mesh.devices.size}")
     every, sample_every = cfg.checkpoint_every * cfg.grad_accum, cfg.sample_every * cfg.grad_accum
     step_keys = jax.random.fold_in(state.key, TAG_STEPS)
     prompts = list(cfg.sample_prompts) or _first_caption(dataset)
     losses: list[float] = []
     bar = _bar(progress, total, state.step)
     log = _MetricsLog(out / "metrics.jsonl", state.step)
-    stopped = False
+    stopped_by = None
     with StopSignals() as signals:
         batches = dataset.batches(cfg.batch_size, state.position)
         while state.step < stop_at:
@@ -290,7 +396,7 @@ def _loop(step_fn, state: TrainState, pipe, dataset, ckpt: Checkpointer, cfg: Tr
             log.write(state.step, loss=loss, grad_norm=float(metrics["grad_norm"]), lr=lr, seconds=seconds)
             _tick(bar, loss, seconds)
             if signals.received is not None:
-                stopped = True
+                stopped_by = signals.received
                 break
             if every and state.step % every == 0:
                 ckpt.save(state, cfg)
@@ -299,7 +405,7 @@ def _loop(step_fn, state: TrainState, pipe, dataset, ckpt: Checkpointer, cfg: Tr
     ckpt.save(state, cfg)
     if bar is not None:
         bar.close()
-    return state, losses, stopped
+    return state, losses, stopped_by
 
 
 def _first_caption(dataset) -> list[str]:
@@ -356,9 +462,21 @@ def save_samples(pipe, lo: Any, prompts: Sequence[str], cfg: TrainConfig, folder
     return paths
 
 
+# train_lora's arguments and TrainConfig fields -> `sdjax train-lora` flags (others: --field-name).
+_FLAGS = {"data_dir": "--data", "resume": "--no-resume", "lora_format": "--format", "sample_prompts": "--sample-prompt",
+          "crop": "--random-crop"}
+
+
+def cli_flag(field: str) -> str:
+    """The `sdjax train-lora` flag of a TrainConfig field or train_lora argument (ConfigError.field)."""
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 def run_train_lora(args: argparse.Namespace) -> int:
-    """`sdjax train-lora`: 0 when finished or stopped by a signal after saving, 2 on a bad setting, 1 when the
-    data, the model or the output cannot be used."""
+    """`sdjax train-lora`: 0 when finished or stopped by SIGTERM after saving (a preemption: rerun to resume),
+    130 when stopped by Ctrl-C (SIGINT) after saving, 2 on a bad setting or argument (--out included), 1 when
+    the data or the model cannot be used. Every check runs before the model loads; on an error nothing is
+    written."""
     from sdjax.cli import config_from_args  # the flags are parsed beside the others
 
     try:
@@ -368,17 +486,26 @@ def run_train_lora(args: argparse.Namespace) -> int:
         return 2
     from sdjax import process
 
-    process.enable_compilation_cache()  # on by default for the CLI ($SDJAX_CACHE_DIR or ~/.cache/sdjax/xla)
-    try:
+    try:  # the compilation cache is on by default for the CLI ($SDJAX_CACHE_DIR or ~/.cache/sdjax/xla)
         result = train_lora(args.data, args.model, args.out, cfg, resume=not args.no_resume,
-                            progress=False if args.no_progress else None)
-    except (OSError, ValueError) as e:  # missing data or model, bad images with --bad-images error, bad targets
+                            progress=False if args.no_progress else None,
+                            compilation_cache=process.default_cache_dir())
+    except ConfigError as e:
+        print(f"sdjax train-lora: error: {cli_flag(e.field)}: {e.message}", file=sys.stderr)
+        return 2
+    except InputError as e:
+        print(f"sdjax train-lora: error: {cli_flag(e.field)}: {e.message}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:  # during training: a bad image with --bad-images error, a full disk
         print(f"sdjax train-lora: error: {e}", file=sys.stderr)
         return 1
+    saved = f"checkpoint saved in {result.out / 'checkpoints'}"
+    if result.stop_signal == signal.SIGINT:
+        print(f"sdjax train-lora: interrupted: stopped at step {result.step}; {saved} (rerun to resume)",
+              file=sys.stderr)
+        return 130
     if result.stopped:
-        print(f"stopped at step {result.step}; checkpoint saved in {result.out / 'checkpoints'}", file=sys.stderr)
+        print(f"stopped at step {result.step}; {saved}", file=sys.stderr)
     else:
         print(f"trained {result.step} steps; LoRA: {result.export}")
     return 0
-
-

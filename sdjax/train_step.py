@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sdjax import convert, parallel, sampling, schedulers
+from sdjax import convert, data, lora_files, parallel, sampling, schedulers
 from sdjax import lora as lora_lib
 from sdjax.vae import VAE
 
@@ -44,6 +46,19 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 LORA_MODES = ("branch", "merge")
 TAG_INIT, TAG_STEPS = 0, 1  # fold_in tags of the run key
 TAG_T, TAG_NOISE, TAG_POSTERIOR = 0, 1, 2  # fold_in tags of an example's key
+MAX_SEED = 2**32 - 1  # as the CLI's --seed everywhere (pipeline.MAX_SEED)
+# Larger than any sensible SD1.5 training size (it was trained at 512), and compile-check's own bound, so that
+# `sdjax compile-check --job train-lora --size 4096` can still ask what such a run would need.
+MAX_RESOLUTION = 4096
+
+
+class ConfigError(ValueError):
+    """A bad setting of a LoRA run. `field` names it: a TrainConfig field, or an argument of `train.train_lora`
+    ("data_dir", "out", "resume", ...); `message` says what is allowed; str() is "field: message"."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,29 +94,108 @@ class TrainConfig:
     lora_mode: str = "branch"  # how the step applies the LoRA: "branch" or "merge" (see diffusion_loss)
 
     def __post_init__(self):
-        positive = {"rank": self.rank, "steps": self.steps, "grad_accum": self.grad_accum,
-                    "batch_size": self.batch_size, "resolution": self.resolution, "keep_last": self.keep_last}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("warmup_steps", "checkpoint_every", "sample_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.prediction_type not in (None, *PREDICTION_TYPES):
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
-        convert.parse_dtype(self.dtype)
-        if self.lora_mode not in LORA_MODES:
-            raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
-        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-            raise ValueError(f"min_snr_gamma must be > 0 (or None), got {self.min_snr_gamma}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks every setting (run on construction, so a TrainConfig is always valid); ConfigError names
+        the field and says what is allowed."""
+        for name, low in (("rank", 1), ("steps", 1), ("grad_accum", 1), ("batch_size", 1), ("keep_last", 1),
+                          ("sample_steps", 1), ("warmup_steps", 0), ("checkpoint_every", 0), ("sample_every", 0)):
+            _check_int(name, getattr(self, name), low)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        r = self.resolution
+        if not _is_int(r) or r % 8 or not 8 <= r <= MAX_RESOLUTION:  # the VAE downsamples by 8
+            raise ConfigError("resolution", f"must be a positive multiple of 8 in [8, {MAX_RESOLUTION}], got {r!r}")
+        if self.warmup_steps > self.steps:
+            raise ConfigError("warmup_steps", f"must be <= steps ({self.steps}), got {self.warmup_steps}: the "
+                                              "learning rate would never reach lr")
+        _check_number("alpha", self.alpha, above=0)
+        _check_number("lr", self.lr, above=0)
+        _check_number("weight_decay", self.weight_decay, at_least=0)
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, at_least=0, extra=" (0 or None: no clipping)")
+        if self.min_snr_gamma is not None:
+            _check_number("min_snr_gamma", self.min_snr_gamma, above=0, extra=" (or None: no weighting)")
+        _check_number("sample_guidance", self.sample_guidance)
+        _check_targets(self.targets)
+        _check_texts("sample_prompts", self.sample_prompts)
+        _check_choice("crop", self.crop, data.CROPS)
+        if not isinstance(self.random_flip, bool):
+            raise ConfigError("random_flip", f"must be True or False, got {self.random_flip!r}")
+        _check_choice("bad_images", self.bad_images, data.BAD_IMAGE_POLICIES)
+        _check_choice("cache_latents", self.cache_latents, (None, *data.CACHE_MODES))
+        _check_choice("prediction_type", self.prediction_type, (None, *PREDICTION_TYPES))
+        _check_choice("dtype", self.dtype, tuple(convert.DTYPES))
+        _check_choice("lora_format", self.lora_format, lora_files.FORMATS)
+        _check_choice("lora_mode", self.lora_mode, LORA_MODES)
         if self.cache_latents is not None and (self.crop == "random" or self.random_flip):
-            raise ValueError("cache_latents fixes the latents once, so random crops and flips cannot be applied "
-                             "per epoch: use crop='center' and random_flip=False, or do not cache")
+            raise ConfigError("cache_latents", "cached latents are computed once, so random crops and flips cannot "
+                                               "be applied per epoch: use crop='center' and random_flip=False, or "
+                                               "do not cache")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+def _is_int(value: Any) -> bool:
+    # Python ints only: bools are ints to Python but not counts, and numpy ints would not survive the JSON of
+    # the checkpoint's config (`to_dict`).
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(name, f"must be an integer {allowed}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, *, above: float | None = None, at_least: float | None = None,
+                  extra: str = "") -> None:
+    """A finite int or float (not bool), optionally > above or >= at_least."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (above is None or value > above) and (at_least is None or value >= at_least)
+    if not ok:
+        bound = f" > {above}" if above is not None else f" >= {at_least}" if at_least is not None else ""
+        raise ConfigError(name, f"must be a finite number{bound}{extra}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
+        raise ConfigError(name, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_texts(name: str, values: Any) -> None:
+    """A tuple or list of strings storable as UTF-8 (not one bare string, which would iterate by character)."""
+    if isinstance(values, str) or not isinstance(values, (tuple, list)):
+        raise ConfigError(name, f"must be a tuple of strings, got {values!r}")
+    for v in values:
+        if not isinstance(v, str):
+            raise ConfigError(name, f"must hold strings only, got {v!r}")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # e.g. undecodable command-line bytes, kept as surrogates
+            raise ConfigError(name, f"{v!r} is not valid UTF-8 text") from None
+
+
+def _check_targets(targets: Any) -> None:
+    """A lora.TARGET_SETS name, or names and kernel-path regexes (that they match the model is checked in
+    `train.train_lora`, with the model's parameter shapes)."""
+    names = (targets,) if isinstance(targets, str) else targets
+    _check_texts("targets", names)
+    if not names:
+        raise ConfigError("targets", f"must name at least one target set ({', '.join(lora_lib.TARGET_SETS)}) or "
+                                     "kernel-path regex")
+    for n in names:
+        if n in lora_lib.TARGET_SETS:
+            continue
+        if not n:
+            raise ConfigError("targets", "an empty pattern would match every kernel; name a target set "
+                                         f"({', '.join(lora_lib.TARGET_SETS)}) or a kernel-path regex")
+        try:
+            re.compile(n)
+        except re.error as e:
+            raise ConfigError("targets", f"{n!r} is neither a target set ({', '.join(lora_lib.TARGET_SETS)}) "
+                                         f"nor a valid regex: {e}") from None
+
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine decay to 0 over cfg.steps, global-norm clipping, and

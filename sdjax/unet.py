@@ -97,34 +97,42 @@ class UNetConfig:
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> UNetConfig:
+        """A diffusers UNet2DConditionModel config.json dict -> UNetConfig; raises ValueError naming the field
+        (`configs.UnsupportedConfigError` for what sdjax does not build, `configs.ConfigFieldError` for a wrong
+        type or value out of range) and what is allowed."""
+        d = configs.require_object(d, "unet")
         configs.check_fixed(d, _FIXED, "unet")
         configs.check_false_or_all_false(d, "only_cross_attention", "unet")
-        n = len(d["block_out_channels"])
-        configs.check_choices(d, "down_block_types", DOWN_BLOCKS, "unet")
-        configs.check_choices(d, "up_block_types", UP_BLOCKS, "unet")
-        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-        return cls(
-            in_channels=d.get("in_channels", 4),
-            out_channels=d.get("out_channels", 4),
-            block_out_channels=tuple(d["block_out_channels"]),
-            down_block_types=tuple(d["down_block_types"]),
-            up_block_types=tuple(d["up_block_types"]),
+        chans = configs.channels(d, "block_out_channels", "unet")
+        n = len(chans)
+        down = configs.block_types(d, "down_block_types", DOWN_BLOCKS, n, "unet")
+        up = configs.block_types(d, "up_block_types", UP_BLOCKS, n, "unet")
+        # diffusers: `num_attention_heads` when set, else the (misnamed) `attention_head_dim`
+        head_field = "num_attention_heads" if d.get("num_attention_heads") else "attention_head_dim"
+        cfg = cls(
+            in_channels=configs.single_int(d, "in_channels", 4, "unet"),
+            out_channels=configs.single_int(d, "out_channels", 4, "unet"),
+            block_out_channels=chans,
+            down_block_types=down,
+            up_block_types=up,
             layers_per_block=configs.single_int(d, "layers_per_block", 2, "unet"),
-            heads=configs.per_block(heads, n, "attention_head_dim", "unet"),
+            heads=configs.per_block(d.get(head_field, 8), n, head_field, "unet"),
             transformer_layers=configs.per_block(d.get("transformer_layers_per_block", 1), n,
                                                  "transformer_layers_per_block", "unet"),
             cross_attention_dim=configs.single_int(d, "cross_attention_dim", 768, "unet"),
-            use_linear_projection=bool(d.get("use_linear_projection", False)),
-            upcast_attention=bool(d.get("upcast_attention", False)),
-            norm_num_groups=d.get("norm_num_groups", 32),
-            norm_eps=d.get("norm_eps", 1e-5),
-            flip_sin_to_cos=d.get("flip_sin_to_cos", True),
-            freq_shift=d.get("freq_shift", 0),
-            downsample_padding=d.get("downsample_padding", 1),
-            mid_block_scale_factor=d.get("mid_block_scale_factor", 1.0),
-            center_input_sample=d.get("center_input_sample", False),
-            sample_size=d.get("sample_size") or 64,
+            use_linear_projection=configs.boolean(d, "use_linear_projection", False, "unet"),
+            upcast_attention=configs.boolean(d, "upcast_attention", False, "unet"),
+            norm_num_groups=configs.single_int(d, "norm_num_groups", 32, "unet"),
+            norm_eps=configs.number(d, "norm_eps", 1e-5, "unet", positive=True),
+            flip_sin_to_cos=configs.boolean(d, "flip_sin_to_cos", True, "unet"),
+            freq_shift=configs.number(d, "freq_shift", 0, "unet"),
+            downsample_padding=configs.single_int(d, "downsample_padding", 1, "unet", minimum=0),
+            mid_block_scale_factor=configs.number(d, "mid_block_scale_factor", 1.0, "unet"),
+            center_input_sample=configs.boolean(d, "center_input_sample", False, "unet"),
+            sample_size=configs.single_int(d, "sample_size", 64, "unet") if d.get("sample_size") is not None else 64,
         )
+        _check_shapes(cfg, head_field)
+        return cfg
 
     def to_diffusers(self) -> dict[str, Any]:
         return {
@@ -151,6 +159,22 @@ class UNetConfig:
             "sample_size": self.sample_size,
             "act_fn": "silu",
         }
+
+
+def _check_shapes(cfg: UNetConfig, head_field: str) -> None:
+    """Fields that must fit each other: norm groups and attention heads divide the channels they split."""
+    chans, n = cfg.block_out_channels, len(cfg.block_out_channels)
+    configs.check_groups(cfg.norm_num_groups, chans, "unet")
+    if chans[0] % 2:
+        raise configs.ConfigFieldError(f"unet config field 'block_out_channels' must start with an even number (the "
+                                       f"sinusoidal timestep embedding has that many dims), got {list(chans)}")
+    for i, ch in enumerate(chans):
+        attention = cfg.down_block_types[i] == "CrossAttnDownBlock2D" or cfg.up_block_types[n - 1 - i] == \
+            "CrossAttnUpBlock2D" or i == n - 1  # the mid block attends at the last block's channels
+        if attention and ch % cfg.heads[i]:
+            raise configs.ConfigFieldError(
+                f"unet config field '{head_field}' gives block {i} {cfg.heads[i]} attention heads, which must "
+                f"divide its block_out_channels[{i}] = {ch} (each head gets channels / heads)")
 
 
 def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:

@@ -45,27 +45,29 @@ class VAEConfig:
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> VAEConfig:
+        """A diffusers AutoencoderKL config.json dict -> VAEConfig; raises ValueError naming the field and what is
+        allowed (see `UNetConfig.from_diffusers`)."""
+        d = configs.require_object(d, "vae")
         configs.check_fixed(d, _FIXED, "vae")
-        configs.check_choices(d, "down_block_types", ("DownEncoderBlock2D",), "vae")
-        configs.check_choices(d, "up_block_types", ("UpDecoderBlock2D",), "vae")
-        n = len(d["block_out_channels"])
-        for field in ("down_block_types", "up_block_types"):
-            if field in d and len(d[field]) != n:
-                raise configs.UnsupportedConfigError(
-                    f"vae config field '{field}' has {len(d[field])} entries but block_out_channels has {n}")
+        chans = configs.channels(d, "block_out_channels", "vae")
+        n = len(chans)
+        configs.block_types(d, "down_block_types", ("DownEncoderBlock2D",), n, "vae", ("DownEncoderBlock2D",) * n)
+        configs.block_types(d, "up_block_types", ("UpDecoderBlock2D",), n, "vae", ("UpDecoderBlock2D",) * n)
+        groups = configs.single_int(d, "norm_num_groups", 32, "vae")
+        configs.check_groups(groups, chans, "vae")
         return cls(
-            in_channels=d.get("in_channels", 3),
-            out_channels=d.get("out_channels", 3),
-            block_out_channels=tuple(d["block_out_channels"]),
+            in_channels=configs.single_int(d, "in_channels", 3, "vae"),
+            out_channels=configs.single_int(d, "out_channels", 3, "vae"),
+            block_out_channels=chans,
             layers_per_block=configs.single_int(d, "layers_per_block", 2, "vae"),
-            latent_channels=d.get("latent_channels", 4),
-            norm_num_groups=d.get("norm_num_groups", 32),
-            scaling_factor=d.get("scaling_factor", 0.18215),
-            shift_factor=d.get("shift_factor"),
-            use_quant_conv=d.get("use_quant_conv", True),
-            use_post_quant_conv=d.get("use_post_quant_conv", True),
-            mid_block_add_attention=d.get("mid_block_add_attention", True),
-            sample_size=d.get("sample_size") or 512,
+            latent_channels=configs.single_int(d, "latent_channels", 4, "vae"),
+            norm_num_groups=groups,
+            scaling_factor=configs.number(d, "scaling_factor", 0.18215, "vae", positive=True),
+            shift_factor=configs.optional_number(d, "shift_factor", "vae"),
+            use_quant_conv=configs.boolean(d, "use_quant_conv", True, "vae"),
+            use_post_quant_conv=configs.boolean(d, "use_post_quant_conv", True, "vae"),
+            mid_block_add_attention=configs.boolean(d, "mid_block_add_attention", True, "vae"),
+            sample_size=configs.single_int(d, "sample_size", 512, "vae") if d.get("sample_size") is not None else 512,
         )
 
     def to_diffusers(self) -> dict[str, Any]:

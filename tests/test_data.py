@@ -213,3 +213,46 @@ def test_cache_refuses_random_augmentation(tmp_path):
     for kwargs in ({"random_flip": True}, {"crop": "random"}):
         with pytest.raises(ValueError, match="random crops and flips"):
             data.ImageCaptionDataset(folder, 8, **kwargs).cache(images, captions)
+
+
+def test_scan_folder_names_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.scan_folder(tmp_path / "nowhere")
+    Image.new("RGB", (8, 8)).save(tmp_path / "one.png")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        data.scan_folder(tmp_path / "one.png")
+    folder = make_txt_folder(tmp_path / "d", 2)
+    (folder / "img1.txt").write_bytes(b"caf\xe9")  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"img1\.txt.*UTF-8"):
+        data.scan_folder(folder)
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"file_name": "../outside.png", "text": "x"}, "inside"),
+    ({"file_name": "/abs/a.png", "text": "x"}, "inside"),
+    ({"file_name": "a.png", "text": None}, "must be strings"),
+    ({"file_name": 3, "text": "x"}, "must be strings"),
+], ids=["parent", "absolute", "text-null", "name-number"])
+def test_metadata_rows_must_name_files_inside_with_text(tmp_path, row, match):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    (folder / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=rf"metadata\.jsonl:1: .*{match}"):
+        data.scan_folder(folder)
+
+
+def test_check_decodes_every_image_up_front(tmp_path):
+    folder = corrupt_folder(tmp_path)
+    with pytest.raises(data.BadImageError, match=r"img1\.png"):  # the first bad one in file order
+        data.ImageCaptionDataset(folder, 8, bad_images="error").check()
+    ds = data.ImageCaptionDataset(folder, 8, bad_images="skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ds.check() is ds
+        seen = np.concatenate([next(ds.batches(2))[0]["index"] for _ in range(2)])
+    assert ds.bad == {1, 2} and set(seen) <= {0, 3}
+    assert len(caught) == 2  # warned once each, at the check
+    good = make_txt_folder(tmp_path / "good", 3)
+    assert data.ImageCaptionDataset(good, 8).check().bad == set()

@@ -366,3 +366,26 @@ def test_json_round_trip_and_errors(tmp_path):
     _touch(tmp_path / "broken.json", '{"a": 1,')
     with pytest.raises(ValueError, match="broken.json"):
         io.read_json(tmp_path / "broken.json")
+
+
+def test_lazy_tensors_spec_and_unreadable_dtypes(tmp_path):
+    """spec() gives shape and dtype from the header; a dtype numpy cannot hold (F8) is an error naming it."""
+    path = tmp_path / "w.safetensors"
+    io.write_safetensors({"a": np.ones((2, 3), ml_dtypes.bfloat16), "b": np.ones(4, ml_dtypes.float8_e4m3fn)}, path)
+    lazy = io.LazyTensors(path)
+    assert lazy.spec("a") == ((2, 3), "BF16", path) and lazy.spec("b") == ((4,), "F8_E4M3", path)
+    assert lazy["a"].dtype == ml_dtypes.bfloat16
+    with pytest.raises(io.SafetensorsError, match=r"'b' has dtype F8_E4M3, which sdjax cannot read") as err:
+        lazy["b"]
+    assert str(path) in str(err.value)
+
+
+def test_overlapping_offsets_are_refused(tmp_path):
+    """Two tensors over the same bytes: the safetensors library refuses the file; the error names the tensor."""
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "overlap.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    with pytest.raises(io.SafetensorsError, match=r"tensor 'b' has data_offsets \[0, 8\], which overlap") as err:
+        io.read_safetensors(path)
+    assert str(path) in str(err.value)

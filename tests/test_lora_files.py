@@ -223,3 +223,18 @@ def test_apply_files_and_specs(params, tmp_path):
     from sdjax.lora import load, save
 
     assert (load, save) == (F.load, F.save)
+
+
+def test_check_against_configs_reads_no_weights(tmp_path, monkeypatch):
+    """lora_files.check (also sdjax.lora.check) validates a file against configs alone: shapes, not weights."""
+    from sdjax import checkpoint
+    from sdjax.clip import CLIPConfig
+
+    configs = {"unet": UNetConfig.tiny(), "text_encoder": CLIPConfig.tiny(), "vae": None}
+    abstract = {k: checkpoint.abstract_params(k, configs[k]) for k in ("unet", "text_encoder")}
+    path = L.save(tmp_path / "l.safetensors", L.init(jax.random.key(0), abstract, rank=2, targets="unet+te"))
+    monkeypatch.setattr(checkpoint, "load", None)  # any attempt to load model weights would fail
+    assert L.check is F.check
+    L.check(path, configs)
+    with pytest.raises(L.LoRAError, match=r"has shape \(2, 32\), but the model needs \(rank, 48\)"):
+        L.check(path, {**configs, "unet": UNetConfig.tiny(cross_attention_dim=48)})

@@ -159,3 +159,14 @@ def test_from_folder_without_files(tmp_path):
     """A folder without tokenizer files is an error naming it."""
     with pytest.raises(FileNotFoundError, match=str(tmp_path.name)):
         tok.ClipTokenizer.from_folder(tmp_path)
+
+
+def test_broken_tokenizer_files_name_the_file(sd15, tmp_path):
+    """A corrupt tokenizer.json is a CheckpointError (a ValueError) naming the file, before transformers reads it."""
+    from sdjax.io import CheckpointError
+
+    sd15.hf.save_pretrained(tmp_path / "tokenizer")
+    path = tmp_path / "tokenizer" / "tokenizer.json"
+    path.write_text(path.read_text()[:500])
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        tok.load_tokenizer(tmp_path)

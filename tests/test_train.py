@@ -341,6 +341,42 @@ def test_stop_signals_defer_sigterm():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
+def test_second_sigint_calls_the_previous_handler():
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with train.StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.received == signal.SIGINT and seen == []  # the first one only asks to stop
+            os.kill(os.getpid(), signal.SIGINT)
+            assert seen == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # not callable: a second SIGINT raises KeyboardInterrupt
+        with train.StopSignals():
+            os.kill(os.getpid(), signal.SIGINT)
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # os.kill runs the Python handlers before it returns
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_exit_status_is_130(monkeypatch, tmp_path, capsys):
+    stopped = {}
+
+    def fake_train(data_dir, model, out, cfg, **kwargs):
+        return train.TrainResult(None, 7, [], True, Path(out), None, stopped["signal"])
+
+    monkeypatch.setattr(train, "train_lora", fake_train)
+    monkeypatch.setenv("SDJAX_CACHE_DIR", "off")
+    argv = ["train-lora", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--no-progress"]
+    stopped["signal"] = signal.SIGINT
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0] and "step 7" in err[0]
+    stopped["signal"] = signal.SIGTERM  # a preemption: resumable, not a failure
+    assert cli.main(argv) == 0
+    assert "stopped at step 7" in capsys.readouterr().err
+
+
 def test_cli_parser_builds_the_config():
     parser = argparse.ArgumentParser(prog="sdjax")
     cli.add_train_lora_parser(parser.add_subparsers())
