@@ -20,6 +20,9 @@ _EXPORTS = {
     "load_component": ("sdjax.checkpoint", "load"),
     "save_component": ("sdjax.checkpoint", "save"),
     "CLIPConfig": ("sdjax.clip", "CLIPConfig"),
+    "ControlNet": ("sdjax.controlnet", "ControlNet"),
+    "ControlNetConfig": ("sdjax.controlnet", "ControlNetConfig"),
+    "load_controlnet": ("sdjax.controlnet", "load_controlnet"),
     "TextEncoder": ("sdjax.clip", "TextEncoder"),
     "resolve_model": ("sdjax.io", "resolve_model"),
     "Generation": ("sdjax.pipeline", "Generation"),
@@ -36,9 +39,9 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "CLIPConfig", "ClipTokenizer", "Generation", "Pipeline", "SCHEDULER_NAMES", "TextEncoder", "UNet", "UNetConfig",
-    "VAE", "VAEConfig", "compile_check", "enable_compilation_cache", "load_component", "load_pipeline", "load_tokenizer",
-    "resolve_model", "save_component",
+    "CLIPConfig", "ClipTokenizer", "ControlNet", "ControlNetConfig", "Generation", "Pipeline", "SCHEDULER_NAMES",
+    "TextEncoder", "UNet", "UNetConfig", "VAE", "VAEConfig", "compile_check", "enable_compilation_cache",
+    "load_component", "load_controlnet", "load_pipeline", "load_tokenizer", "resolve_model", "save_component",
 ]
 
 if TYPE_CHECKING:
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     from sdjax.checkpoint import load as load_component
     from sdjax.checkpoint import save as save_component
     from sdjax.clip import CLIPConfig, TextEncoder
+    from sdjax.controlnet import ControlNet, ControlNetConfig, load_controlnet
     from sdjax.io import resolve_model
     from sdjax.pipeline import Generation, Pipeline, load_pipeline
     from sdjax.process import enable_compilation_cache
