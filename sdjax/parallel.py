@@ -133,6 +133,20 @@ def put_batch(tree: Any, mesh: Mesh, *, local: bool = False) -> Any:
     return jax.tree.map(put, tree)
 
 
+def local_copy(tree: Any) -> Any:
+    """Fully replicated global arrays -> this process's copy on its first device (no transfer, no collective),
+    so that computations on them run on this process alone; other leaves are returned as they are. Use it where
+    processes compute the same thing on their own (each one's result is then process-local)."""
+    def local(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            if not a.is_fully_replicated:
+                raise ValueError(f"local_copy needs a fully replicated array, got one sharded as {a.sharding}")
+            return a.addressable_data(0)
+        return a
+
+    return jax.tree.map(local, tree)
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """A (batch-sharded) global array -> the whole array on this process's host. Rows on other processes'
     devices come by an all-gather, a collective: every process must call this for the same arrays."""

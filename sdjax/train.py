@@ -16,6 +16,20 @@ Randomness: everything comes from `cfg.seed`. The LoRA init uses fold_in(key(see
 fold_in(fold_in(key(seed), 1), s) and example b of its global batch fold_in(that, b), so results do not
 depend on the device count, and a resumed run (which restores LoRA, optimizer state, step, key and data
 position) is bitwise the same as an uninterrupted one.
+
+Multi-process (multi-host) runs: every process makes the same `train_lora` call (same data, settings and `out`,
+`out` on a file system that all of them see: orbax writes each checkpoint collectively, every process its own
+part) after joining the run (`parallel.initialize`, or `distributed=`: the CLI's --coordinator/--num-processes/
+--process-id/--distributed, joined once the checks that need no device have passed). The LoRA, its optimizer
+state and the run key are replicated global arrays. Data: every process reads the whole global batch of each
+step and puts only the rows its own devices hold (`parallel.put_batch`), so all processes see the same global
+batches by construction (the order depends on the seed only; skipped bad images are skipped alike) at the
+cost of decoding each batch once per process (with cache_latents a batch is an index into arrays). A
+SIGTERM/SIGINT received by any process stops all of them after the same step (they agree after every step;
+a process that stopped alone would hang the others in the next collective). Process 0 alone writes
+metrics.jsonl, the sample PNGs (every process runs the sampling: it is a collective) and the exported LoRA;
+the latent cache file is written by process 0, and the others reuse it, or write their own copy where they do
+not see process 0's disk. The result is that of one process with the same devices and global batch.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ from typing import Any, Literal, Self
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -176,7 +191,8 @@ class StopSignals:
 
 def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
                resume: bool = True, progress: bool | None = None, max_steps: int | None = None,
-               export: bool = True, compilation_cache: str | os.PathLike | None = None) -> TrainResult:
+               export: bool = True, compilation_cache: str | os.PathLike | None = None,
+               distributed: parallel.Distributed | None = None) -> TrainResult:
     """Trains a LoRA on a folder of captioned images (see `sdjax.data`) and writes into `out`:
     checkpoints/ (orbax; resumed from when resume=True), samples/ (every cfg.sample_every updates),
     metrics.jsonl (one line per micro-step) and lora.safetensors (`lora.save`, cfg.lora_format) at the end.
@@ -186,6 +202,8 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
     max_steps: stop (with a checkpoint, without the export) after this many micro-steps in total, e.g. to
     run a schedule for cfg.steps in several pieces.
     compilation_cache: as `load_pipeline`'s (turned on after the checks have passed).
+    distributed: a multi-process run to join (`parallel.initialize`) once the checks that need no device have
+    passed (see `check_run`); None: join nothing here (a single process, or one that joined already).
 
     Everything is checked before the model loads and before anything is written (`check_run`): ConfigError
     (a ValueError) names a bad setting or argument, InputError (a ValueError) data or a model that cannot be
@@ -194,7 +212,14 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
     from sdjax import pipeline as pipeline_lib
 
     out = Path(out)
-    checked = check_run(data_dir, model, out, cfg, resume=resume, max_steps=max_steps)
+    checked = check_run(data_dir, model, out, cfg, resume=resume, max_steps=max_steps, distributed=distributed)
+    # No process writes (out/, checkpoints, the latent cache) before every process has passed its checks, so a
+    # process still checking `out` never sees another's first writes.
+    parallel.sync("sdjax.train: checked")
+    if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
+        # Seen with jax 0.10.2 on CPU (gloo collectives): a 2-process run whose train step came from the
+        # persistent cache (a rerun, to resume) failed in its first step; compiled afresh it runs.
+        compilation_cache = None
     try:
         pipe = model if isinstance(model, pipeline_lib.Pipeline) else pipeline_lib.load_pipeline(
             model, dtype=cfg.dtype, compilation_cache=compilation_cache)
@@ -213,19 +238,22 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
     finally:
         ckpt.close()
     path = None
-    if export and stopped_by is None and state.step >= cfg.steps * cfg.grad_accum:
+    if export and stopped_by is None and state.step >= cfg.steps * cfg.grad_accum and jax.process_index() == 0:
         path = out / "lora.safetensors"
-        lora_lib.save(path, state.lora, format=cfg.lora_format)
+        lora_lib.save(path, parallel.local_copy(state.lora), format=cfg.lora_format)
     return TrainResult(state.lora, state.step, losses, stopped_by is not None, out, path, stopped_by)
 
 
 def check_run(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConfig, *, resume: bool = True,
-              max_steps: int | None = None) -> data.ImageCaptionDataset:
+              max_steps: int | None = None, distributed: parallel.Distributed | None = None
+              ) -> data.ImageCaptionDataset:
     """`train_lora`'s checks, all before the model loads and writing nothing: the settings, the out folder
     (a folder or creatable, writable, and without checkpoints unless resuming), the data (every image
     decoded once and captioned), the device count, and the model's configs (read without weights: the targets
     must match its kernels). Cheap checks first; a hub id is downloaded only after the others have passed.
-    Returns the checked dataset. Raises ConfigError or InputError (see `train_lora`)."""
+    Returns the checked dataset. Raises ConfigError or InputError (see `train_lora`).
+    distributed: joins that multi-process run (`parallel.initialize`) after the settings, out and data checks,
+    before the device count is read (the first thing that touches a device, which must come after joining)."""
     from sdjax import pipeline as pipeline_lib
 
     if not isinstance(cfg, TrainConfig):
@@ -234,6 +262,8 @@ def check_run(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConfi
         raise ConfigError("max_steps", f"must be an integer >= 1 (or None), got {max_steps!r}")
     _check_out(Path(out), resume)
     images = _check_data(data_dir, cfg)
+    if distributed is not None:
+        parallel.initialize(distributed)
     is_pipe = isinstance(model, pipeline_lib.Pipeline)
     devices = model.mesh.devices.size if is_pipe else jax.device_count()
     if cfg.batch_size % devices:
@@ -324,15 +354,29 @@ def make_dataset(data_dir: str | Path, cfg: TrainConfig, pipe, cache_file: str |
     if cfg.cache_latents is None:
         return ds
     images, captions = cache_encoders(pipe, cfg)
-    model = f"{pipe.source}|{cfg.dtype}|seed={cfg.seed}"
-    return ds.cache(images, captions, mode=cfg.cache_latents, path=cache_file, batch_size=cfg.batch_size,
-                    fingerprint=model)
+    model, mode = f"{pipe.source}|{cfg.dtype}|seed={cfg.seed}", cfg.cache_latents
+
+    def cache() -> data.CachedDataset:
+        return ds.cache(images, captions, mode=mode, path=cache_file, batch_size=cfg.batch_size,
+                        fingerprint=model)
+
+    if jax.process_count() == 1 or cache_file is None:
+        return cache()
+    # Several processes: the encoders run on each process's own device (`cache_encoders`), so process 0 makes
+    # (or reuses) the file alone first; the others then find it matching where they see process 0's disk, and
+    # encode and write their own copy where they do not: each file is written once.
+    cached = cache() if jax.process_index() == 0 else None
+    parallel.sync("sdjax.train: latent cache")
+    return cached if cached is not None else cache()
 
 
 def cache_encoders(pipe, cfg: TrainConfig) -> tuple[Callable, Callable]:
     """(encode_images(pixels, ids), encode_captions(texts)) for `data.ImageCaptionDataset.cache`: the VAE
-    posterior mean, or one sample from fold_in(key(seed), example id) (mode "sample"), x scaling_factor."""
-    models, params = pipe.models, pipe.params
+    posterior mean, or one sample from fold_in(key(seed), example id) (mode "sample"), x scaling_factor.
+    In a multi-process run they compute on this process's first device only (no collective: processes encode
+    independently, see `make_dataset`); in one process on the pipeline's mesh, as every other call."""
+    models = pipe.models
+    params = parallel.local_copy(pipe.params) if jax.process_count() > 1 else pipe.params
     sample = cfg.cache_latents == "sample"
 
     @jax.jit
@@ -352,10 +396,14 @@ def cache_encoders(pipe, cfg: TrainConfig) -> tuple[Callable, Callable]:
 
 
 def initial_state(cfg: TrainConfig, pipe, optimizer: optax.GradientTransformation) -> TrainState:
-    """Step 0: fresh LoRA (replicated), its optimizer state, the run key, the data's first position."""
+    """Step 0: fresh LoRA, its optimizer state and the run key (all replicated over the mesh), the data's first
+    position."""
     key = jax.random.key(cfg.seed)
     lo = parallel.put_replicated(init_lora(cfg, pipe.params, jax.random.fold_in(key, TAG_INIT)), pipe.mesh)
     opt_state = parallel.put_replicated(optimizer.init(lo), pipe.mesh)
+    # The key as a global array too: orbax saves only global arrays in a multi-process run, and the steps' keys
+    # folded from it are then global as the jitted step expects.
+    key = jax.random.wrap_key_data(parallel.put_replicated(np.asarray(jax.random.key_data(key)), pipe.mesh))
     return TrainState(lo, opt_state, 0, key, data.DataPosition())
 
 
@@ -378,8 +426,9 @@ def _loop(step_fn, state: TrainState, pipe, dataset, ckpt: Checkpointer, cfg: Tr
     step_keys = jax.random.fold_in(state.key, TAG_STEPS)
     prompts = list(cfg.sample_prompts) or _first_caption(dataset)
     losses: list[float] = []
-    bar = _bar(progress, total, state.step)
-    log = _MetricsLog(out / "metrics.jsonl", state.step)
+    primary = jax.process_index() == 0  # process 0 alone reports and writes metrics
+    bar = _bar(progress, total, state.step) if primary else None
+    log = _MetricsLog(out / "metrics.jsonl", state.step) if primary else None
     stopped_by = None
     with StopSignals() as signals:
         batches = dataset.batches(cfg.batch_size, state.position)
@@ -393,10 +442,11 @@ def _loop(step_fn, state: TrainState, pipe, dataset, ckpt: Checkpointer, cfg: Tr
             losses.append(loss)
             lr = float(learning_rate(cfg)(state.step // cfg.grad_accum))
             seconds = time.perf_counter() - t0
-            log.write(state.step, loss=loss, grad_norm=float(metrics["grad_norm"]), lr=lr, seconds=seconds)
+            if log is not None:
+                log.write(state.step, loss=loss, grad_norm=float(metrics["grad_norm"]), lr=lr, seconds=seconds)
             _tick(bar, loss, seconds)
-            if signals.received is not None:
-                stopped_by = signals.received
+            stopped_by = _agreed_signal(signals.received)
+            if stopped_by is not None:
                 break
             if every and state.step % every == 0:
                 ckpt.save(state, cfg)
@@ -406,6 +456,17 @@ def _loop(step_fn, state: TrainState, pipe, dataset, ckpt: Checkpointer, cfg: Tr
     if bar is not None:
         bar.close()
     return state, losses, stopped_by
+
+
+def _agreed_signal(received: int | None) -> int | None:
+    """The stop signal of this step as every process sees it: in a multi-process run the highest signal number
+    any process received (SIGTERM over SIGINT), so all stop after the same step; a process that stopped alone
+    would hang the others in their next collective. One small all-gather per step, only with several
+    processes."""
+    if jax.process_count() == 1:
+        return received
+    agreed = int(parallel.all_processes_max(np.array([received or 0], np.int32))[0])
+    return agreed or None
 
 
 def _first_caption(dataset) -> list[str]:
@@ -451,10 +512,14 @@ def _tick(bar, loss: float, seconds: float) -> None:
 
 
 def save_samples(pipe, lo: Any, prompts: Sequence[str], cfg: TrainConfig, folder: Path, update: int) -> list[Path]:
-    """txt2img with the LoRA merged into the pipeline's params -> folder/update-<n>-<i>.png."""
+    """txt2img with the LoRA merged into the pipeline's params -> folder/update-<n>-<i>.png. Every process of a
+    multi-process run must call it (the sampling is a collective); process 0 alone writes (the others return
+    [])."""
     view = pipe.with_params(merge(pipe.params, lo))  # the same jitted functions: nothing recompiles
     gen = view.txt2img(list(prompts), steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance,
                        height=cfg.resolution, width=cfg.resolution, seeds=cfg.seed, progress=False)
+    if jax.process_index() != 0:
+        return []
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"update-{update:06d}-{i}.png" for i in range(len(gen.images))]
     for img, p in zip(gen.images, paths):
@@ -476,7 +541,9 @@ def run_train_lora(args: argparse.Namespace) -> int:
     """`sdjax train-lora`: 0 when finished or stopped by SIGTERM after saving (a preemption: rerun to resume),
     130 when stopped by Ctrl-C (SIGINT) after saving, 2 on a bad setting or argument (--out included), 1 when
     the data or the model cannot be used. Every check runs before the model loads; on an error nothing is
-    written."""
+    written. Multi-process: --coordinator/--num-processes/--process-id (else $SDJAX_COORDINATOR,
+    $SDJAX_NUM_PROCESSES, $SDJAX_PROCESS_ID) or --distributed join the run once the checks that need no device
+    have passed; every process runs the same command, process 0 reports."""
     from sdjax.cli import config_from_args  # the flags are parsed beside the others
 
     try:
@@ -484,12 +551,20 @@ def run_train_lora(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"sdjax train-lora: error: {e}", file=sys.stderr)
         return 2
+    try:  # getattr: a Namespace built by hand may lack the multi-process flags
+        dist = parallel.distributed_from(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                                         getattr(args, "process_id", None), os.environ,
+                                         auto=getattr(args, "distributed", False))
+    except ValueError as e:
+        print(f"sdjax train-lora: error: --coordinator/--num-processes/--process-id: {e}", file=sys.stderr)
+        return 2
     from sdjax import process
 
     try:  # the compilation cache is on by default for the CLI ($SDJAX_CACHE_DIR or ~/.cache/sdjax/xla)
+        # check_run (inside) calls parallel.initialize(dist) after the cheap checks, before any device is used.
         result = train_lora(args.data, args.model, args.out, cfg, resume=not args.no_resume,
                             progress=False if args.no_progress else None,
-                            compilation_cache=process.default_cache_dir())
+                            compilation_cache=process.default_cache_dir(), distributed=dist)
     except ConfigError as e:
         print(f"sdjax train-lora: error: {cli_flag(e.field)}: {e.message}", file=sys.stderr)
         return 2
@@ -499,6 +574,8 @@ def run_train_lora(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:  # during training: a bad image with --bad-images error, a full disk
         print(f"sdjax train-lora: error: {e}", file=sys.stderr)
         return 1
+    if jax.process_index() != 0:  # process 0 reports for all (they stopped or finished at the same step)
+        return 130 if result.stop_signal == signal.SIGINT else 0
     saved = f"checkpoint saved in {result.out / 'checkpoints'}"
     if result.stop_signal == signal.SIGINT:
         print(f"sdjax train-lora: interrupted: stopped at step {result.step}; {saved} (rerun to resume)",
