@@ -195,7 +195,8 @@ def _lower_generation(job: str, models: sampling.Models, params: dict, schedule:
     b = parallel.padded_size(batch, mesh)
     shard, rep = parallel.batch_sharded(mesh), parallel.replicated(mesh)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=shard)  # noqa: E731
-    inputs = {"ids": spec((b, TOKENS), jnp.int32), "neg_ids": spec((b, TOKENS), jnp.int32),
+    # prompts of one 77-token chunk, as `Pipeline._batch` gives them ([B, K, 77]; longer prompts: K > 1)
+    inputs = {"ids": spec((b, 1, TOKENS), jnp.int32), "neg_ids": spec((b, 1, TOKENS), jnp.int32),
               "seeds": spec((b,), jnp.uint32)}
     static: dict[str, Any] = {}
     if job == "txt2img":

@@ -89,22 +89,32 @@ def _seed(text: str) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --variant, --cache-dir: which weights to load and how."""
+    """--model, --dtype, --variant, --vae, --cache-dir: which weights to load and how."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_ID",
-                   help="local diffusers-format folder or Hugging Face hub id (default: %(default)s)")
+                   help="local diffusers-format folder, single-file SD1.x .safetensors checkpoint or Hugging Face "
+                        "hub id (default: %(default)s)")
     g.add_argument("--dtype", default="float32", choices=tuple(convert.DTYPES),
                    help="compute dtype (default: %(default)s)")
     g.add_argument("--variant", default=None, help='weights variant to load, e.g. "fp16"')
+    g.add_argument("--vae", default=None, metavar="PATH",
+                   help="use this VAE instead of the model's: a diffusers VAE folder or a single-file VAE "
+                        "(e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA (peft/diffusers or kohya safetensors) at SCALE (default 1); repeatable")
     g.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="XLA compilation cache folder (default: $SDJAX_CACHE_DIR or ~/.cache/sdjax/xla; "
                         '"off" disables)')
+    g.add_argument("--no-safety-checker", action="store_true",
+                   help="do not run the checkpoint's safety checker (default: run it when the model folder has "
+                        "safety_checker/; flagged images are written black)")
 
 
-def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by every task that runs the denoising loop (txt2img, img2img, inpaint)."""
+def add_sampling_options(p: argparse.ArgumentParser, prompt_options: bool = True) -> None:
+    """Options shared by every task that runs the denoising loop (txt2img, img2img, inpaint); prompt_options:
+    also --prompt-syntax, --clip-skip and --embedding."""
+    if prompt_options:
+        add_prompt_options(p)
     g = p.add_argument_group("sampling")
     g.add_argument("--negative-prompt", default="", type=_text, metavar="TEXT", help="what to steer away from")
     g.add_argument("--steps", default=50, type=_int_at_least(1, MAX_STEPS, " (a schedule has at most the "
@@ -127,6 +137,22 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help=f"lift the bounds that catch typos: --height/--width (at most {MAX_SIZE}), --num-images "
                         f"({MAX_IMAGES}), --batch-size ({MAX_BATCH}) and --guidance-scale (+-{MAX_GUIDANCE_SCALE:g}); "
                         "--steps stays at most the scheduler's training timesteps")
+
+
+def add_prompt_options(p: argparse.ArgumentParser) -> None:
+    """--prompt-syntax, --clip-skip, --embedding: how prompts become the UNet's context (`sdjax.prompts`)."""
+    g = p.add_argument_group("prompt")
+    g.add_argument("--prompt-syntax", default="a1111", choices=("a1111", "plain"),
+                   help="a1111: AUTOMATIC1111's (word:1.3), (word), [word], \\( escapes and BREAK; plain: the text "
+                        "as it is (A1111's 'Emphasis: None'). Either way prompts over 75 tokens are encoded in "
+                        "75-token chunks (default: %(default)s)")
+    g.add_argument("--clip-skip", default=1, type=_int_at_least(1), metavar="N",
+                   help="A1111's Clip skip: 1 uses CLIP's last layer, 2 the penultimate (at most the text "
+                        "encoder's layers, 12 for SD1.5) (default: %(default)s)")
+    g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (.safetensors: A1111 or diffusers layout) triggered by TOKEN "
+                        "in prompts (default: diffusers' token in the file, else the file name without "
+                        ".safetensors, as A1111); repeatable")
 
 
 def add_size_options(p: argparse.ArgumentParser, default: int | None = 512) -> None:
@@ -157,12 +183,17 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     """`sdjax generate`: text to image."""
     p = sub.add_parser("generate", help="text to image", description="Text to image; writes PNGs with A1111-style "
                        "parameters (readable in A1111's PNG Info tab).")
-    p.add_argument("prompt", type=_text, metavar="PROMPT", help="what to draw")
+    p.add_argument("prompt", type=_text, metavar="PROMPT", nargs="?", default=None,
+                   help="what to draw (optional with --from-png)")
+    p.add_argument("--from-png", default=None, metavar="IMAGE",
+                   help="reproduce IMAGE from its A1111-style 'parameters' chunk (prompt, negative prompt, steps, "
+                        "sampler, CFG scale, seed, size); PROMPT and flags given here override its values")
     add_sampling_options(p)
     add_size_options(p)
     add_model_options(p)
     add_output_options(p)
-    p.set_defaults(run=run_generate, parser=p)
+    _record_given(p)
+    p.set_defaults(run=run_generate, parser=p, given=frozenset())
 
 
 def add_img2img(sub: argparse._SubParsersAction) -> None:
@@ -286,6 +317,7 @@ def add_train_lora_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
                    help="LoRA export format (default: %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="fail if OUT already has checkpoints")
     p.add_argument("--no-progress", action="store_true")
+    add_distributed_options(p)
     p.set_defaults(run=train.run_train_lora, parser=p)
     return p
 
@@ -471,6 +503,7 @@ def _probe_dir(text: str, flag: str) -> pathlib.Path:
 
 
 _FLAGS = {"negative_prompts": "--negative-prompt", "prompts": "PROMPT", "seeds": "--seed", "steps": "--steps",
+          "clip_skip": "--clip-skip", "prompt_syntax": "--prompt-syntax",
           "guidance_scale": "--guidance-scale", "height": "--height", "width": "--width", "scheduler": "--scheduler",
           "strength": "--strength", "images": "--image", "masks": "--mask", "num_inference_steps": "--steps"}
 
@@ -498,9 +531,46 @@ def validate_generation(args: argparse.Namespace, prompt: str, height: int, widt
         # the whole run as one request: its count bound is --num-images' (checked above), not one call's
         return pipeline.validate_request([prompt] * args.num_images, args.negative_prompt, seed, args.steps,
                                          args.guidance_scale, height, width, args.scheduler,
-                                         allow_large=args.no_limits, max_images=MAX_IMAGES)
+                                         allow_large=args.no_limits, max_images=MAX_IMAGES, **_prompt_kwargs(args))
     except (TypeError, ValueError) as err:
         raise UsageError(_name_flag(str(err))) from None
+
+
+def _prompt_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """clip_skip and prompt_syntax from --clip-skip and --prompt-syntax (their defaults where a Namespace lacks
+    them, as one built by hand)."""
+    return {"clip_skip": getattr(args, "clip_skip", 1), "prompt_syntax": getattr(args, "prompt_syntax", "a1111")}
+
+
+def check_embeddings(specs: Sequence[str]) -> list[tuple[str, str | None]]:
+    """--embedding FILE[:TOKEN] values -> [(path, token or None)]: the files exist and hold an embedding layout
+    sdjax reads (checked before the model loads; its hidden size is checked when the pipeline loads them)."""
+    from sdjax import embeddings
+
+    out = []
+    for spec in specs:
+        path, token = spec, None
+        if not os.path.isfile(spec) and ":" in spec:
+            path, _, token = spec.rpartition(":")
+            if not token.strip():
+                raise UsageError(f"--embedding {spec!r}: TOKEN after ':' is empty")
+        try:
+            embeddings.read_embedding(path, None, token)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--embedding {spec!r}: {_one_line(str(err))}") from None
+        out.append((path, token))
+    return out
+
+
+def load_embeddings(pipe: Any, specs: Sequence[tuple[str, str | None]]) -> list[str]:
+    """Binds the checked --embedding files to the loaded pipeline; their trigger tokens."""
+    tokens = []
+    for path, token in specs:
+        try:
+            tokens.append(pipe.load_embedding(path, token))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--embedding {path!r}: {_one_line(str(err))}") from None
+    return tokens
 
 
 def _cli_words(message: str) -> str:
@@ -548,15 +618,134 @@ def load(args: argparse.Namespace, loras: Sequence[tuple[str, float]] = ()) -> A
     try:
         return pipeline.load_pipeline(args.model, dtype=args.dtype, variant=args.variant,
                                       compilation_cache=args.cache_dir or process.default_cache_dir(),
-                                      loras=list(loras))
+                                      loras=list(loras), vae=getattr(args, "vae", None),
+                                      safety_checker=not getattr(args, "no_safety_checker", False))
     except LoRAError as err:
         raise UsageError(f"--lora: {_one_line(str(err))}") from err
     except (OSError, ValueError) as err:
         raise LoadError(f"could not load --model {args.model!r}: {err}") from err
 
 
+SAFETY_KEY = "Safety checker"  # PNG parameter of an image the checker replaced by a black one ("flagged")
+
+
+def _record_given(p: argparse.ArgumentParser) -> None:
+    """Makes every option of `p` add its dest to `args.given` when it is on the command line, so that
+    --from-png can tell flags given explicitly (which override the PNG's values) from defaults."""
+    for action in p._actions:
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            action.__class__ = _given_class(type(action))
+
+
+_GIVEN_CLASSES: dict[type, type] = {}
+
+
+def _given_class(base: type) -> type:
+    if base not in _GIVEN_CLASSES:
+        def __call__(self, parser, namespace, values, option_string=None):
+            namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+            base.__call__(self, parser, namespace, values, option_string)
+
+        _GIVEN_CLASSES[base] = type(f"Given{base.__name__}", (base,), {"__call__": __call__})
+    return _GIVEN_CLASSES[base]
+
+
+# PNG parameters (A1111's keys) -> (the generate flag's dest, the flag, the flag's parser).
+_PNG_FIELDS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
+    "Steps": ("steps", "--steps", _int_at_least(1, MAX_STEPS)),
+    "CFG scale": ("guidance_scale", "--guidance-scale", _finite_float),
+    "Seed": ("seed", "--seed", _seed),
+    "Clip skip": ("clip_skip", "--clip-skip", _int_at_least(1)),
+}
+# Keys that describe the image or the run, not a setting to reproduce: read without a warning.
+_PNG_INFO_KEYS = ("Model hash", "Version", "VAE hash", "TI hashes", "Lora hashes", SAFETY_KEY)
+
+
+def apply_png_parameters(args: argparse.Namespace) -> None:
+    """--from-png IMAGE: the PNG's A1111 parameters become the defaults of `sdjax generate` (one image, its
+    seed); PROMPT and the flags given on the command line (`args.given`) keep their values. Errors name the
+    PNG and the field (UsageError, exit 2); what cannot be reproduced (an unknown sampler, LoRAs, another
+    model, img2img's strength, keys sdjax does not know) is warned about on stderr."""
+    path = args.from_png
+    given: frozenset[str] = getattr(args, "given", frozenset())
+    where = f"--from-png {path!r}"
+    try:
+        params = pngmeta.read_parameters(path)
+    except FileNotFoundError:
+        raise UsageError(f"{where}: no such file") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: not an image, truncated, ...
+        raise UsageError(f"{where} is not a readable PNG: {err}") from None
+    if params is None:
+        raise UsageError(f"{where} has no '{pngmeta.KEYWORD}' text chunk (generation parameters as sdjax and "
+                         "A1111 write them); give PROMPT and the flags instead")
+    notes: list[str] = []
+    if args.prompt is None:
+        args.prompt = _png_text(params["prompt"], where, "prompt")
+    if "negative_prompt" not in given:
+        args.negative_prompt = _png_text(params["negative_prompt"], where, "Negative prompt")
+    settings = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt")}
+    if not settings:
+        notes.append("it has a prompt but no settings line (Steps, Sampler, ...); the other values are defaults")
+    for key, value in settings.items():
+        if key in _PNG_FIELDS:
+            dest, flag, parse = _PNG_FIELDS[key]
+            if not hasattr(args, dest):
+                notes.append(f"{key}: {value} is not supported here; ignored")
+            elif dest not in given:
+                setattr(args, dest, _png_value(parse, value, where, key))
+        elif key == "Size":
+            m = re.fullmatch(r"(\d+)x(\d+)", value)
+            if m is None:
+                raise UsageError(f"{where}: field 'Size' = {value!r} must be WIDTHxHEIGHT, e.g. 512x512")
+            if "width" not in given:
+                args.width = _png_value(_size, m.group(1), where, "Size (width)")
+            if "height" not in given:
+                args.height = _png_value(_size, m.group(2), where, "Size (height)")
+        elif key == "Sampler":
+            scheduler = pngmeta.generation_settings(params).get("scheduler")
+            if scheduler is None:
+                notes.append(f"Sampler {value!r} is not one of sdjax's ({', '.join(SCHEDULER_NAMES)}); using "
+                             + ("--scheduler" if "scheduler" in given else "the checkpoint's own scheduler"))
+            elif "scheduler" not in given:
+                args.scheduler = scheduler
+        elif key == "Schedule type":
+            pass  # read with Sampler
+        elif key == "Model":
+            label = model_label(args.model)
+            if value != label:
+                notes.append(f"it was made with model {value!r}, this run uses {label!r} (--model): the image "
+                             "will differ")
+        elif key == "LoRA":
+            if not args.lora:
+                notes.append(f"it was made with LoRA(s) {value}; pass --lora FILE[:SCALE] to use them")
+        elif key == "Denoising strength":
+            notes.append(f"Denoising strength: {value} belongs to img2img/inpaint; text to image ignores it")
+        elif key not in _PNG_INFO_KEYS:
+            notes.append(f"{key}: {value!r} is not read by sdjax; ignored")
+    for note in notes:
+        print(f"sdjax generate: warning: {where}: {note}", file=sys.stderr)
+
+
+def _png_value(parse: Callable[[str], Any], value: str, where: str, key: str) -> Any:
+    try:
+        return parse(value.strip())
+    except argparse.ArgumentTypeError as err:
+        raise UsageError(f"{where}: field '{key}' = {value!r} {err}") from None
+
+
+def _png_text(value: str, where: str, key: str) -> str:
+    try:
+        return _text(value)
+    except argparse.ArgumentTypeError as err:
+        raise UsageError(f"{where}: field '{key}' {err}") from None
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """`sdjax generate`: validate, load, generate in batches, write numbered PNGs."""
+    if getattr(args, "from_png", None) is not None:
+        apply_png_parameters(args)
+    if args.prompt is None:
+        raise UsageError("PROMPT is required (or --from-png IMAGE to take it from a PNG)")
     request = validate_generation(args, args.prompt, args.height, args.width)
 
     def call(pipe, part, kw):
@@ -626,26 +815,36 @@ def _generate(args: argparse.Namespace, request: Any, call: Callable, extra: dic
     out = check_out_dir(args.out)
     check_cache_dir(args.cache_dir)
     loras = check_loras(args.lora)  # read before the model loads
+    embedding_specs = check_embeddings(getattr(args, "embedding", []))
     try:
         pipe = load(args, loras)
     except LoadError as err:
         return fail(str(err))
+    load_embeddings(pipe, embedding_specs)  # the triggers appear in the prompts (A1111 records them so)
     if loras:
         extra = {**(extra or {}), "LoRA": ", ".join(f"{pathlib.Path(p).stem}:{s:g}" for p, s in loras)}
+    if pipe.vae_name:  # a swapped VAE, recorded by name as A1111 does
+        extra = {**(extra or {}), "VAE": pipe.vae_name}
     written: list[pathlib.Path] = []
     batch = args.batch_size or (len(request.seeds) if args.no_limits else min(len(request.seeds), MAX_BATCH))
     for start in range(0, len(request.seeds), batch):
         part = slice(start, start + batch)
         kw = dict(steps=args.steps, guidance_scale=args.guidance_scale, seeds=request.seeds[part],
-                  scheduler=args.scheduler, progress=_progress(args), allow_large=args.no_limits)
+                  scheduler=args.scheduler, progress=_progress(args), allow_large=args.no_limits,
+                  **_prompt_kwargs(args))
         try:
             gen = call(pipe, part, kw)
         except ValueError as err:  # a check that needs the model (e.g. its own size multiple)
             raise UsageError(_name_flag(str(err))) from None
         try:
-            written += save_generation(gen, out, model_label(args.model), extra)
+            paths = save_generation(gen, out, model_label(args.model), extra)
         except OSError as err:
             return fail(f"could not write to --out {args.out!r}: {err}" + (f"; {_wrote(written)}" if written else ""))
+        written += paths
+        for path, flagged in zip(paths, gen.nsfw or [False] * len(paths), strict=True):
+            if flagged:  # diffusers' behaviour: a black image in its place, and a warning
+                print(f"sdjax: safety checker flagged {path} (seed {path.stem.split('-', 1)[1]}): written as a "
+                      "black image (--no-safety-checker turns the checker off)", file=sys.stderr)
     print(_wrote(written))
     return 0
 
@@ -671,7 +870,8 @@ def save_generation(gen: Any, out: pathlib.Path, model_name: str, extra: dict | 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(gen.images):
-        text = pngmeta.infotext(gen, i, model=model_name, extra=extra)
+        flagged = {SAFETY_KEY: "flagged"} if getattr(gen, "nsfw", None) and gen.nsfw[i] else {}
+        text = pngmeta.infotext(gen, i, model=model_name, extra={**(extra or {}), **flagged} or None)
         paths.append(write_numbered(out, gen.seeds[i], image, text))
     return paths
 
@@ -703,7 +903,7 @@ def add_batch(sub: argparse._SubParsersAction) -> None:
                        "images that are done. Flags are the defaults of lines that do not set their own. "
                        "Multi-process: run the same command in every process (see docs/multihost.md).")
     p.add_argument("prompts", metavar="PROMPTS", help="prompt file: text, one prompt per line, or JSONL")
-    add_sampling_options(p)
+    add_sampling_options(p, prompt_options=False)  # batch.run_batch does not pass them on (yet)
     add_size_options(p)
     add_model_options(p)
     add_output_options(p)
@@ -713,6 +913,13 @@ def add_batch(sub: argparse._SubParsersAction) -> None:
                             "number of images before it in the file; image i of a line gets its seed+i")
     help_of["batch_size"].help = ("images per call over all devices of all processes, rounded up to a multiple of "
                                   f"the device count, at most {MAX_BATCH} (default: one per device)")
+    add_distributed_options(p)
+    p.set_defaults(run=run_batch, parser=p)
+
+
+def add_distributed_options(p: argparse.ArgumentParser) -> None:
+    """The flags that join a multi-process run (`parallel.distributed_from` reads them), for `batch` and
+    `train-lora`."""
     g = p.add_argument_group("multi-process (flags, else $SDJAX_COORDINATOR, $SDJAX_NUM_PROCESSES, $SDJAX_PROCESS_ID)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address and a free port")
     g.add_argument("--num-processes", default=None, type=_int_at_least(1), metavar="N")
@@ -720,7 +927,6 @@ def add_batch(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process run detected by JAX (Cloud TPU pod slice, SLURM, Open MPI) without "
                         "the three flags above")
-    p.set_defaults(run=run_batch, parser=p)
 
 
 def run_batch(args: argparse.Namespace) -> int:
@@ -761,6 +967,8 @@ def run_batch(args: argparse.Namespace) -> int:
     except LoadError as err:
         return fail(str(err))
     extra = {"LoRA": ", ".join(f"{pathlib.Path(p).stem}:{s:g}" for p, s in loras)} if loras else None
+    if pipe.vae_name:  # a swapped VAE, recorded by name as A1111 does
+        extra = {**(extra or {}), "VAE": pipe.vae_name}
     try:
         result = batch.run_batch(pipe, job, out, batch_size=args.batch_size, model=model_label(args.model),
                                  extra=extra, progress=_progress(args), allow_large=args.no_limits)

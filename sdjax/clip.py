@@ -144,7 +144,7 @@ class EncoderLayer(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """token ids [B, L] int -> TextOutput. Clip skip k uses `final_norm(hidden_states[-1 - k])` (see `apply_final_norm`)."""
+    """token ids [B, L] int -> TextOutput; `encode` gives the UNet's context (with clip skip, added embeddings)."""
 
     config: CLIPConfig
     dtype: Any = jnp.float32
@@ -159,7 +159,7 @@ class TextEncoder(nn.Module):
 
     def __call__(self, ids: jax.Array) -> TextOutput:
         b, l = ids.shape
-        x = self.token_embedding(ids) + self.position_embedding(jnp.arange(l))[None]  # [B, L, D]
+        x = self._embed(ids)  # [B, L, D]
         hidden = [x]
         for layer in self.layers:
             x = layer(x)
@@ -174,3 +174,32 @@ class TextEncoder(nn.Module):
 
     def apply_final_norm(self, h: jax.Array) -> jax.Array:
         return self.final_layer_norm(h)
+
+    def encode(self, ids: jax.Array, added: jax.Array | None = None, clip_skip: int = 1) -> jax.Array:
+        """token ids [N, L] -> the UNet's context [N, L, D]: the final layer norm of the hidden state after
+        ``num_layers - (clip_skip - 1)`` layers. clip_skip counts as A1111's "Clip skip" does: 1 is the last
+        layer (the reference's `last_hidden_state`), 2 the penultimate (diffusers' ``clip_skip=1``): A1111 takes
+        ``hidden_states[-clip_skip]`` and applies the final layer norm, and so does diffusers with
+        ``hidden_states[-(clip_skip + 1)]``. The skipped layers are not computed (clip_skip is static).
+
+        added [E, D]: textual-inversion vectors, looked up by ids vocab_size .. vocab_size + E - 1 (`prompts.Trigger`).
+        """
+        n_layers = self.config.num_layers
+        if not 1 <= clip_skip <= n_layers:
+            raise ValueError(f"clip_skip must be in [1, {n_layers}] (this text encoder's layers), got {clip_skip}")
+        x = self._embed(ids, added)
+        for layer in self.layers[: n_layers - (clip_skip - 1)]:
+            x = layer(x)
+        return self.final_layer_norm(x)
+
+    def _embed(self, ids: jax.Array, added: jax.Array | None = None) -> jax.Array:
+        """Token + position embeddings [N, L, D]; ids >= vocab_size index the rows of `added` [E, D]."""
+        l = ids.shape[1]
+        pos = self.position_embedding(jnp.arange(l))[None]
+        if added is None:
+            return self.token_embedding(ids) + pos
+        vocab = self.config.vocab_size
+        is_added = ids >= vocab  # [N, L]
+        base = self.token_embedding(jnp.where(is_added, 0, ids))
+        extra = jnp.take(added, jnp.clip(ids - vocab, 0, added.shape[0] - 1), axis=0).astype(base.dtype)
+        return jnp.where(is_added[..., None], extra, base) + pos

@@ -47,6 +47,8 @@ _TO_PYTREE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 _TO_CHECKPOINT: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "conv": lambda w: np.transpose(w, (3, 2, 0, 1)),
     "linear": lambda w: np.transpose(w),
+    # The original (CompVis) VAE attention projections are 1x1 convs: [I, O] -> [O, I, 1, 1] (sdjax.single_file).
+    "conv1x1_linear": lambda w: np.transpose(w)[:, :, None, None],
     "copy": lambda w: w,
 }
 
@@ -253,6 +255,16 @@ def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any,
         value = _TO_PYTREE[transform](tensor)
         flat[rule.path] = value if finalize is None else finalize(value)
     return traverse_util.unflatten_dict(flat)
+
+
+def check_state(state: Mapping[str, Any], rules: list[Rule], abstract: Any, *, source: str = "checkpoint",
+                ignored: Iterable[re.Pattern] = ()) -> None:
+    """`to_params`' checks without reading a tensor: every rule's key present, no key unclaimed (unless
+    `ignored`), every tensor floating point and of the shape the architecture needs (from the headers when
+    `state` has a `spec(key)`). Raises CheckpointError naming the file and key."""
+    expected = {path: leaf for path, leaf in traverse_util.flatten_dict(abstract).items()}
+    for rule, name in _match(state, rules, source, ignored):
+        _check_spec(state, rule, name, tuple(expected[rule.path].shape), source)
 
 
 def _match(state: Mapping[str, Any], rules: list[Rule], source: str, ignored: Iterable[re.Pattern]

@@ -83,17 +83,30 @@ def looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and ".." not in text
 
 
-def resolve_model(path_or_id: PathLike, *, variant: str | None = None) -> pathlib.Path:
-    """Returns a local diffusers-format folder for a local path or a hub id ``owner/name``.
+def resolve_model(path_or_id: PathLike, *, variant: str | None = None, allow_file: bool = False,
+                  safety_checker: bool = False) -> pathlib.Path:
+    """Returns a local diffusers-format folder for a local path or a hub id ``owner/name``; with
+    ``allow_file=True`` (`load_pipeline`), a local ``.safetensors`` single-file checkpoint is returned as is.
+    A pickled file (``.ckpt``, ``.pt``, ...) is always refused (`PickledWeightsError`), never read.
 
     A hub id is fetched with ``huggingface_hub.snapshot_download`` (or found in its cache when
     ``HF_HUB_OFFLINE=1``), restricted to the configs, tokenizer, scheduler and the safetensors
     weights of unet/vae/text_encoder: only ``.fp16.`` weights when ``variant == "fp16"``, only
-    non-variant weights otherwise.
+    non-variant weights otherwise; with ``safety_checker=True`` also the safety checker's config and
+    safetensors weights and the feature extractor's config (what `load_pipeline` runs by default).
     """
     path = pathlib.Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                raise PickledWeightsError(pickled_file_message(path))
+            if allow_file:
+                if path.suffix.lower() == ".safetensors":
+                    return path
+                raise NotADirectoryError(
+                    f"{str(path)!r} is a file but not a .safetensors single-file checkpoint; pass one of those "
+                    f"or a diffusers-format folder. {LOCAL_FOLDER_HINT}"
+                )
             raise NotADirectoryError(
                 f"{str(path)!r} is a file; sdjax loads diffusers-format folders, not single-file "
                 f"checkpoints. {LOCAL_FOLDER_HINT}"
@@ -105,7 +118,7 @@ def resolve_model(path_or_id: PathLike, *, variant: str | None = None) -> pathli
             f"Model folder {text!r} does not exist, and it is not a Hugging Face hub id like "
             f"'owner/name'. {LOCAL_FOLDER_HINT}"
         )
-    folder = _snapshot(text, hub_allow_patterns(variant))
+    folder = _snapshot(text, hub_allow_patterns(variant, safety_checker=safety_checker))
     missing = [c for c in COMPONENT_STEMS if not _has_safetensors(folder / c, COMPONENT_STEMS[c], variant)]
     if missing and variant is not None:
         warnings.warn(
@@ -116,7 +129,8 @@ def resolve_model(path_or_id: PathLike, *, variant: str | None = None) -> pathli
     return folder
 
 
-def hub_allow_patterns(variant: str | None, components: Iterable[str] | None = None) -> list[str]:
+def hub_allow_patterns(variant: str | None, components: Iterable[str] | None = None, *,
+                       safety_checker: bool = False) -> list[str]:
     """The ``allow_patterns`` of the files sdjax fetches from a diffusers repo on the hub."""
     patterns = [
         "model_index.json",
@@ -124,6 +138,9 @@ def hub_allow_patterns(variant: str | None, components: Iterable[str] | None = N
         "tokenizer/*.json",
         "tokenizer/*.txt",
     ]
+    if safety_checker:  # transformers' file names: model[.variant].safetensors; never the .bin pickles
+        patterns += ["feature_extractor/preprocessor_config.json", "safety_checker/config.json",
+                     f"safety_checker/model.{variant}.safetensors" if variant else "safety_checker/model.safetensors"]
     for component in components or COMPONENT_STEMS:
         stem = f"{component}/{COMPONENT_STEMS[component]}"
         patterns.append(f"{component}/config.json")
@@ -246,6 +263,16 @@ def _pickled_message(folder: pathlib.Path, stem: str, pickled: pathlib.Path) -> 
         f"safetensors.torch.save_file to {str(target)!r}, "
         "or load the model with diffusers/transformers and call "
         "`save_pretrained(folder, safe_serialization=True)`."
+    )
+
+
+def pickled_file_message(path: pathlib.Path) -> str:
+    """Why a pickled single-file checkpoint (``.ckpt``, ``.pt``, ...) is refused, and how to get a safetensors one."""
+    return (
+        f"{str(path)!r} is a pickled checkpoint ({path.suffix}); sdjax never unpickles files: unpickling can run "
+        "arbitrary code. Use the model's .safetensors release, or convert it once in a PyTorch session: "
+        f"torch.load({str(path)!r}, weights_only=True), take its 'state_dict' entry if it has one, and write that "
+        "with safetensors.torch.save_file(state_dict, 'model.safetensors')."
     )
 
 

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from sdjax import checkpoint, convert, io, parallel, process, sampling, schedulers
+from sdjax import checkpoint, convert, io, parallel, process, safety, sampling, schedulers
 from sdjax import images as sdimages
+from sdjax import prompts as prompt_lib
 from sdjax.clip import TextEncoder
 from sdjax.layers import IMPLEMENTATIONS
 from sdjax.tokenizer import ClipTokenizer, load_tokenizer
@@ -61,6 +62,9 @@ class Generation:
     negative_prompts: list[str]
     seeds: list[int]
     settings: dict[str, Any]
+    # Per image, whether the safety checker flagged it (its image and pixels are then black, as diffusers'
+    # `nsfw_content_detected`); None when no checker ran.
+    nsfw: list[bool] | None = None
 
 
 class _Progress:
@@ -83,8 +87,14 @@ class _Progress:
 class Pipeline:
     """Stable Diffusion over every device: `txt2img` (and the tasks built on the same loop)."""
 
+    # Textual-inversion embeddings (`load_embedding`): their triggers, and (token, vectors [N, D]) in row order
+    # of params["textual_inversion"]. Immutable, rebound on each load (views made before keep theirs).
+    triggers: tuple[prompt_lib.Trigger, ...] = ()
+    _embedding_vectors: tuple[tuple[str, np.ndarray], ...] = ()
+
     def __init__(self, models: sampling.Models, params: dict, tokenizer: ClipTokenizer,
-                 scheduler_config: dict, *, mesh=None, source: str = "", attention: str | None = None):
+                 scheduler_config: dict, *, mesh=None, source: str = "", attention: str | None = None,
+                 safety_checker: Any = None):
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         # Attention kernels chosen once, here, for the mesh's devices (`attention` overrides for every layer).
         self.models = models.for_mesh(self.mesh, attention)
@@ -97,6 +107,9 @@ class Pipeline:
         self.dtype = models.unet.dtype
         self._progress = _Progress()
         self._compiled: dict = {}
+        # A `safety.Checker` run on every result (flagged images turn black), or None; set it to None to turn
+        # the checker off.
+        self.safety_checker = safety_checker
 
     @property
     def num_devices(self) -> int:
@@ -130,6 +143,26 @@ class Pipeline:
             self._compiled[job] = jit_job(self.models, self.mesh, job)
         return self._compiled[job]
 
+    vae_name: str | None = None  # the swapped-in VAE's file or folder name (`set_vae`), as A1111's "VAE:"
+
+    def set_vae(self, path: str | os.PathLike) -> Pipeline:
+        """Replaces the VAE: a diffusers VAE folder (config.json + weights, or a model folder's vae/) or a
+        single-file VAE (.safetensors, original layout with or without `first_stage_model.`, e.g.
+        vae-ft-mse-840000-ema-pruned; the model's VAE architecture). Its latent space must be the model's. The
+        params take this pipeline's dtype; only a VAE of another config recompiles."""
+        from sdjax import single_file
+
+        source = single_file.read_vae(path, self.models.vae.config)  # config, keys and shapes first
+        vae = parallel.put_replicated(source.load(self.dtype), self.mesh)
+        if source.config != self.models.vae.config:
+            self.models = sampling.Models(self.models.text_encoder, self.models.unet,
+                                          self.models.vae.clone(config=source.config))
+            self._compiled = {}
+        self.params = {**self.params, "vae": vae}
+        self.base_params = {**self.base_params, "vae": vae}
+        self.vae_name = source.name
+        return self
+
     def set_loras(self, loras: Sequence[str | tuple[str | os.PathLike, float]]) -> Pipeline:
         """Merges LoRA files (peft/diffusers or kohya safetensors) into the base weights at their scales:
         [(path, scale), ...] or "FILE[:SCALE]" strings; [] restores the base. Shapes don't change, so nothing
@@ -143,6 +176,41 @@ class Pipeline:
         self.params = parallel.put_replicated({**self.base_params, **merged}, self.mesh)
         return self
 
+    def load_embedding(self, path: str | os.PathLike, token: str | None = None) -> str:
+        """Loads a textual-inversion embedding (safetensors: A1111's ``emb_params`` / ``string_to_param`` layouts
+        or diffusers' ``{token: vector}``, see `embeddings.read_embedding`) and binds it to `token`, returned:
+        None takes diffusers' key, else the file's stem (A1111's name). Wherever the trigger's CLIP tokens appear
+        in a prompt (either syntax) they are replaced by the embedding's N vectors (N tokens, one chunk), as A1111
+        and diffusers' ``load_textual_inversion`` do. Loading a token again replaces its vectors.
+
+        The vectors are rows added to CLIP's token table (params["textual_inversion"] [E, D], ids vocab_size..):
+        each new set of shapes compiles the jobs once; the prompts' ids stay traced."""
+        from sdjax import embeddings
+
+        cfg = self.models.text_encoder.config
+        token, vectors = embeddings.read_embedding(path, cfg.hidden_size, token)  # [N, D] float32
+        loaded = dict(self._embedding_vectors)
+        loaded.pop(token, None)
+        loaded[token] = vectors
+        triggers: list[prompt_lib.Trigger] = []
+        first = cfg.vocab_size
+        for name, vecs in loaded.items():
+            ids = tuple(self.tokenizer.hf(name, add_special_tokens=False, verbose=False)["input_ids"])
+            if not ids:
+                raise embeddings.EmbeddingError(f"embedding token {name!r} has no CLIP tokens; give a word")
+            clash = next((t.token for t in triggers if t.ids == ids), None)
+            if clash is not None:
+                raise embeddings.EmbeddingError(f"embedding token {name!r} is the same CLIP tokens as the loaded "
+                                                f"embedding {clash!r}; give another token")
+            triggers.append(prompt_lib.Trigger(name, ids, first, len(vecs)))
+            first += len(vecs)
+        dtype = self.params["text_encoder"]["token_embedding"]["embedding"].dtype
+        table = parallel.put_replicated(jnp.asarray(np.concatenate(list(loaded.values())), dtype), self.mesh)
+        self.params = {**self.params, sampling.TEXTUAL_INVERSION: table}  # [E, D]
+        self.base_params = {**self.base_params, sampling.TEXTUAL_INVERSION: table}
+        self.triggers, self._embedding_vectors = tuple(triggers), tuple(loaded.items())
+        return token
+
     def schedule(self, name: str | None, steps: int) -> schedulers.Schedule:
         return schedulers.create(name or self.default_scheduler, self.scheduler_config, steps)
 
@@ -150,14 +218,19 @@ class Pipeline:
                 steps: int = 50, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
                 seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
                 latents: np.ndarray | None = None, progress: bool | None = None,
-                allow_large: bool = False) -> Generation:
+                allow_large: bool = False, clip_skip: int = 1, prompt_syntax: str = "plain") -> Generation:
         """Text to image. One image per prompt; `seeds` is one int per image (an int s in [0, MAX_SEED] gives
         s, s+1, ... mod 2**32; None draws random seeds, returned in the result). `latents` [B, h/8, w/8, 4]
         replaces the seeded starting noise (unscaled standard normal, like the reference's `latents=`).
-        allow_large=True lifts the MAX_SIZE / MAX_BATCH / MAX_GUIDANCE_SCALE bounds."""
+        allow_large=True lifts the MAX_SIZE / MAX_BATCH / MAX_GUIDANCE_SCALE bounds.
+
+        clip_skip: A1111's "Clip skip" (1: CLIP's last layer, 2: the penultimate; diffusers' clip_skip + 1).
+        prompt_syntax: "plain" (the text as it is, the reference's ids) or "a1111" (``(word:1.3)``, ``[word]``,
+        BREAK, ...; `sdjax.prompts`). Either way prompts longer than 75 tokens are encoded in 75-token chunks."""
         _check_bools(progress=progress, allow_large=allow_large)
         req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
-                             latents=latents, allow_large=allow_large)
+                             latents=latents, allow_large=allow_large, clip_skip=clip_skip,
+                             prompt_syntax=prompt_syntax)
         return self._generate("txt2img", req, self._batch(req), progress, height=req.height, width=req.width)
 
     def img2img(self, images, prompts: str | Sequence[str], strength: float = 0.8,
@@ -165,14 +238,16 @@ class Pipeline:
                 guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                 seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
                 latents: np.ndarray | None = None, progress: bool | None = None,
-                allow_large: bool = False) -> Generation:
+                allow_large: bool = False, clip_skip: int = 1, prompt_syntax: str = "plain") -> Generation:
         """Image to image, as diffusers' img2img: the last int(steps * strength) steps run from the image's
         latents noised to that level. strength 0 returns the input unchanged; 1 starts from (almost) pure noise.
         images: PIL images or arrays [H, W, 3] (one per prompt); sizes follow `sdjax.images`' rules.
-        latents: optional [B, h/8, w/8, 4] standard-normal noise replacing the seeded draw."""
+        latents: optional [B, h/8, w/8, 4] standard-normal noise replacing the seeded draw.
+        clip_skip, prompt_syntax: as `txt2img`'s."""
         _check_bools(progress=progress, allow_large=allow_large)
         arrays, req = self._validate_images(images, prompts, negative_prompts, seeds, steps, guidance_scale, height,
-                                            width, scheduler, strength, latents, allow_large)
+                                            width, scheduler, strength, latents, allow_large, clip_skip,
+                                            prompt_syntax)
         pixels = sdimages.fit_images(arrays, req.height, req.width)
         return self._generate("img2img", req, {**self._batch(req), "pixels": pixels}, progress)
 
@@ -181,10 +256,12 @@ class Pipeline:
                 guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                 seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
                 latents: np.ndarray | None = None, paste_back: bool = False, blend: bool | None = None,
-                progress: bool | None = None, allow_large: bool = False) -> Generation:
+                progress: bool | None = None, allow_large: bool = False, clip_skip: int = 1,
+                prompt_syntax: str = "plain") -> Generation:
         """Repaints the white (1) part of each mask. A 9-channel inpainting UNet is used as such (blend=False,
         the default for it); a 4-channel UNet inpaints by mask blending (see `sampling.inpaint`). paste_back
-        copies the original pixels back outside the mask. masks: single-channel, each of its image's size."""
+        copies the original pixels back outside the mask. masks: single-channel, each of its image's size.
+        clip_skip, prompt_syntax: as `txt2img`'s."""
         _check_bools(paste_back=paste_back, blend=blend, progress=progress, allow_large=allow_large)
         dedicated = self.models.unet.config.in_channels == 9
         if blend is None:
@@ -193,21 +270,25 @@ class Pipeline:
             raise ValueError(f"blend={blend} does not fit this UNet ({self.models.unet.config.in_channels} input "
                              "channels): mask blending needs a 4-channel UNet, blend=False a 9-channel one")
         arrays, req = self._validate_images(images, prompts, negative_prompts, seeds, steps, guidance_scale, height,
-                                            width, scheduler, strength, latents, allow_large)
+                                            width, scheduler, strength, latents, allow_large, clip_skip,
+                                            prompt_syntax)
         mask_arr = sdimages.prepare_masks(masks, images, req.height, req.width)
         pixels = sdimages.fit_images(arrays, req.height, req.width)
         batch = {**self._batch(req), "pixels": pixels, "masks": mask_arr}
         return self._generate("inpaint", req, batch, progress, dedicated=dedicated, paste_back=bool(paste_back))
 
     def _validate(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
-                  strength=None, latents=None, allow_large=False) -> Request:
+                  strength=None, latents=None, allow_large=False, clip_skip=1, prompt_syntax="plain") -> Request:
         return validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
                                 self.models.vae_scale, strength=strength, latents=latents,
                                 latent_channels=self.models.latent_channels,
-                                max_steps=self.scheduler_config.num_train_timesteps, allow_large=allow_large)
+                                max_steps=self.scheduler_config.num_train_timesteps, allow_large=allow_large,
+                                clip_skip=clip_skip, prompt_syntax=prompt_syntax,
+                                max_clip_skip=self.models.text_encoder.config.num_layers)
 
     def _validate_images(self, images, prompts, negative_prompts, seeds, steps, guidance_scale, height, width,
-                         scheduler, strength, latents, allow_large) -> tuple[list[np.ndarray], Request]:
+                         scheduler, strength, latents, allow_large, clip_skip=1,
+                         prompt_syntax="plain") -> tuple[list[np.ndarray], Request]:
         """img2img/inpaint: the checked input images (not yet resized) and the request at their output size."""
         if strength is None:  # validate_request's None means "no strength" (txt2img)
             raise TypeError("strength must be a number in [0, 1], got None")
@@ -215,13 +296,16 @@ class Pipeline:
         height, width = sdimages.output_size(arrays[0], height, width, self.models.vae_scale,
                                              None if allow_large else MAX_SIZE)
         req = self._validate(_per_image(prompts, arrays), negative_prompts, seeds, steps, guidance_scale, height,
-                             width, scheduler, strength, latents, allow_large)
+                             width, scheduler, strength, latents, allow_large, clip_skip, prompt_syntax)
         _check_count("images", len(arrays), len(req.prompts))
         return arrays, req
 
     def _batch(self, req: Request) -> dict[str, np.ndarray]:
-        """The host arrays every job starts from: token ids, seeds, and the caller's starting noise if any."""
-        batch = {"ids": self.tokenizer(req.prompts), "neg_ids": self.tokenizer(req.negative_prompts),
+        """The host arrays every job starts from: token ids "ids", "neg_ids" [B, K, 77] (K chunks, the same for
+        every prompt and negative prompt), per-token "weights", "neg_weights" [B, K, 77] with the a1111 syntax
+        (`prompts.encode_batch`), seeds, and the caller's starting noise if any."""
+        batch = {**prompt_lib.encode_batch(self.tokenizer, req.prompts, req.negative_prompts, req.prompt_syntax,
+                                           self.triggers),
                  "seeds": np.asarray(req.seeds, np.uint32)}
         if req.latents is not None:
             batch["latents"] = req.latents
@@ -234,7 +318,7 @@ class Pipeline:
         first = 0
         if req.strength is not None:
             if int(req.steps * req.strength) == 0:  # strength 0, or too small for one step: nothing to denoise
-                return self._result(batch["pixels"], None, req, schedule)
+                return self._result(batch["pixels"], None, req, schedule, **req.text_settings)
             # First call index from strength on the host, in float64 exactly as the reference; traced in the loop.
             first = schedulers.first_call_index(schedule, req.strength)
         b = len(req.prompts)
@@ -245,18 +329,25 @@ class Pipeline:
         with _progress_bar(self._progress, schedule.num_calls, first, show):
             out, final = self._jitted(job)(self.params, parallel.put_replicated(schedule, self.mesh), batch,
                                            jnp.float32(req.guidance_scale), *args, use_cfg=req.use_cfg,
-                                           progress=self._progress if show else None, **static)
+                                           clip_skip=req.clip_skip, progress=self._progress if show else None,
+                                           **static)
         # Multi-process: every process made this same call and gets the whole batch back (an all-gather).
         pixels, final = parallel.to_host(out)[:b], parallel.to_host(final)[:b]
-        return self._result(pixels, final, req, schedule, **({"paste_back": static["paste_back"]}
-                                                            if "paste_back" in static else {}))
+        return self._result(pixels, final, req, schedule, **req.text_settings,
+                            **({"paste_back": static["paste_back"]} if "paste_back" in static else {}))
 
     def _result(self, pixels, final, req: Request, schedule, **extra) -> Generation:
         settings = dict(steps=req.steps, guidance_scale=float(req.guidance_scale), height=int(pixels.shape[1]),
                         width=int(pixels.shape[2]), scheduler=schedule.name, model=self.source,
                         dtype=jnp.dtype(self.dtype).name,
                         **({"strength": req.strength} if req.strength is not None else {}), **extra)
-        return Generation(to_pil(pixels), pixels, final, req.prompts, req.negative_prompts, req.seeds, settings)
+        images, nsfw = to_pil(pixels), None
+        if self.safety_checker is not None:  # after decode, as diffusers' run_safety_checker
+            nsfw = [bool(f) for f in self.safety_checker.check(images).nsfw]
+            if any(nsfw):
+                pixels = np.where(np.asarray(nsfw)[:, None, None, None], np.float32(0), pixels)
+                images = [Image.new("RGB", im.size) if f else im for im, f in zip(images, nsfw, strict=True)]
+        return Generation(images, pixels, final, req.prompts, req.negative_prompts, req.seeds, settings, nsfw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,9 +369,10 @@ JOBS = {
 
 def jit_job(models: sampling.Models, mesh, job: str):
     """The jitted function of a generation job (one of JOBS), as the pipeline runs it and `aot.compile_check`
-    compiles it: (params, schedule, batch, guidance_scale[, first], *, use_cfg, progress, **static) ->
+    compiles it: (params, schedule, batch, guidance_scale[, first], *, use_cfg, clip_skip, progress, **static) ->
     (pixels, final latents), both sharded over the mesh's batch axis."""
-    return jax.jit(functools.partial(JOBS[job].fn, models), static_argnames=("use_cfg", "progress", *JOBS[job].static),
+    return jax.jit(functools.partial(JOBS[job].fn, models),
+                   static_argnames=("use_cfg", "clip_skip", "progress", *JOBS[job].static),
                    out_shardings=parallel.batch_sharded(mesh), compiler_options=parallel.compiler_options(mesh))
 
 
@@ -316,11 +408,18 @@ class Request:
     width: int = 512
     strength: float | None = None  # img2img / inpaint; None for txt2img
     latents: np.ndarray | None = None  # float32 [B, height/8, width/8, C]: the caller's starting noise, if any
+    clip_skip: int = 1  # A1111's numbering: 1 = CLIP's last layer (static: the program's layer count)
+    prompt_syntax: str = "plain"  # one of prompts.SYNTAXES
 
     @property
     def use_cfg(self) -> bool:
         """Classifier-free guidance runs only above 1 (a static choice: it changes the UNet batch)."""
         return self.guidance_scale > 1.0
+
+    @property
+    def text_settings(self) -> dict[str, Any]:
+        """The text-encoding settings of the result (`Generation.settings`, written by `pngmeta.infotext`)."""
+        return {"clip_skip": self.clip_skip, "prompt_syntax": self.prompt_syntax}
 
 
 def _integer(value) -> int | None:
@@ -425,11 +524,14 @@ def _check_latents(latents, shape: tuple[int, ...], size: str) -> np.ndarray:
 
 def validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
                      multiple: int = 8, *, strength: float | None = None, latents=None, latent_channels: int = 4,
-                     max_steps: int = MAX_STEPS, allow_large: bool = False, max_images: int = MAX_BATCH) -> Request:
+                     max_steps: int = MAX_STEPS, allow_large: bool = False, max_images: int = MAX_BATCH,
+                     clip_skip=1, prompt_syntax="plain", max_clip_skip: int = 12) -> Request:
     """Checks every argument before any heavy work; errors name the argument and what is allowed (TypeError
     for a wrong kind of value, ValueError for a value out of range). max_steps: the scheduler's
     num_train_timesteps; allow_large lifts MAX_SIZE, MAX_GUIDANCE_SCALE and the count bound `max_images`
-    (MAX_BATCH: one call's; the CLI validates a whole run, up to MAX_IMAGES)."""
+    (MAX_BATCH: one call's; the CLI validates a whole run, up to MAX_IMAGES). max_clip_skip: the text encoder's
+    layer count. With prompt_syntax="a1111" every prompt is parsed: bad syntax raises
+    `prompts.PromptSyntaxError` (a ValueError) naming the prompt and the position, unbalanced brackets warn."""
     if isinstance(prompts, str):
         prompts = [prompts] * (len(seeds) if isinstance(seeds, (list, tuple)) else 1)
     prompts = _texts(prompts, "prompts")
@@ -474,7 +576,18 @@ def validate_request(prompts, negative_prompts, seeds, steps, guidance_scale, he
     if latents is not None:
         latents = _check_latents(latents, (b, height // multiple, width // multiple, latent_channels),
                                  f"{height}x{width}")
-    return Request(prompts, negative_prompts, seeds, scheduler, n_steps, scale, height, width, strength, latents)
+    skip = _integer(clip_skip)
+    if skip is None:
+        raise TypeError(f"clip_skip must be an integer in [1, {max_clip_skip}], got {_describe(clip_skip)}")
+    if not 1 <= skip <= max_clip_skip:
+        raise ValueError(f"clip_skip must be an integer in [1, {max_clip_skip}] (A1111's numbering: 1 uses CLIP's last "
+                         f"layer, 2 the penultimate; at most the text encoder's layers), got {skip}")
+    if not isinstance(prompt_syntax, str) or prompt_syntax not in prompt_lib.SYNTAXES:
+        raise ValueError(f"prompt_syntax must be one of {', '.join(map(repr, prompt_lib.SYNTAXES))}, "
+                         f"got {prompt_syntax!r}")
+    prompt_lib.check({"prompts": prompts, "negative_prompts": negative_prompts}, prompt_syntax)
+    return Request(prompts, negative_prompts, seeds, scheduler, n_steps, scale, height, width, strength, latents,
+                   skip, prompt_syntax)
 
 
 def to_pil(pixels: np.ndarray) -> list[Image.Image]:
@@ -508,14 +621,24 @@ class _progress_bar:
 def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = "float32",
                   variant: str | None = None, devices: Sequence[jax.Device] | None = None,
                   compilation_cache: str | os.PathLike | None = None, attention: str | None = None,
-                  loras: Sequence[str | tuple[str | os.PathLike, float]] = ()) -> Pipeline:
-    """A diffusers-format folder or hub id -> Pipeline with params of `dtype` replicated on every device.
+                  loras: Sequence[str | tuple[str | os.PathLike, float]] = (),
+                  safety_checker: bool = True, config: str | os.PathLike | None = None,
+                  vae: str | os.PathLike | None = None) -> Pipeline:
+    """A diffusers-format folder, hub id or single-file `.safetensors` checkpoint -> Pipeline with params of
+    `dtype` replicated on every device.
+
+    A single file (the original CompVis layout of e.g. `v1-5-pruned-emaonly.safetensors`, `sdjax.single_file`)
+    is detected as SD1.5 or SD1.5 inpainting from its shapes and comes with SD1.5's configs, tokenizer and
+    scheduler; config: a preset ("sd15", "sd15-inpaint") or a diffusers folder whose configs (tokenizer,
+    scheduler) describe the file instead, where detection cannot tell. vae: a VAE replacing the model's (as
+    `Pipeline.set_vae`): a diffusers VAE folder or a single-file VAE (e.g. vae-ft-mse-840000-ema-pruned).
 
     compilation_cache: a folder for JAX's persistent compilation cache (`process.enable_compilation_cache`, a
     process-wide setting); None leaves the process's setting as it is ("off" or "" too).
     attention: one of `layers.IMPLEMENTATIONS` for every attention layer; None chooses per layer for the
     devices' platform (`layers.AttentionConfig`).
     loras: LoRA files merged into the weights (as `Pipeline.set_loras`): [(path, scale), ...] or "FILE[:SCALE]".
+    safety_checker: run the checkpoint's `safety_checker/` (when it ships one) on every image; False skips it.
 
     Everything cheap is checked before any weights are read: the arguments, the folder, the three component
     configs, the scheduler config, the tokenizer and every LoRA file against the configs (`lora.LoRAError`)."""
@@ -526,9 +649,15 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
         raise ValueError(f"attention={attention!r} is not one of {', '.join(IMPLEMENTATIONS)} (or None: chosen "
                          "per layer for the devices)")
     lora_list = _lora_specs(loras)
-    folder = io.resolve_model(path_or_id, variant=variant)
-    cfgs = {kind: checkpoint.read_config(folder / kind, kind) for kind in ("text_encoder", "unet", "vae")}
-    sched_path = folder / "scheduler" / "scheduler_config.json"
+    folder = io.resolve_model(path_or_id, variant=variant, allow_file=True,
+                              safety_checker=safety_checker is True)
+    single = _single_file(folder, config, variant)  # None for a diffusers folder; keys and shapes checked
+    if single is not None:
+        cfgs = {kind: single.configs[kind] for kind in ("text_encoder", "unet", "vae")}
+        sched_path = single.configs.scheduler_path
+    else:
+        cfgs = {kind: checkpoint.read_config(folder / kind, kind) for kind in ("text_encoder", "unet", "vae")}
+        sched_path = folder / "scheduler" / "scheduler_config.json"
     if sched_path.exists():
         sched = io.read_json(sched_path)
         if not isinstance(sched, dict):
@@ -543,7 +672,12 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     except ValueError as err:
         where = sched_path if sched_path.exists() else "SD1.5's default scheduler config"
         raise checkpoint.CheckpointError(f"{where}: {err}") from err
-    tokenizer = load_tokenizer(folder)
+    tokenizer = single.configs.tokenizer() if single is not None else load_tokenizer(folder)
+    vae_source = None
+    if vae is not None:
+        from sdjax import single_file
+
+        vae_source = single_file.read_vae(vae, cfgs["vae"])  # its config, keys and shapes: no tensor read
     lora_cfgs = {"unet": cfgs["unet"], "text_encoder": cfgs["text_encoder"]}
     for path, _ in lora_list:
         _check_lora_file(lora_files, path, lora_cfgs)
@@ -551,12 +685,37 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
         process.enable_compilation_cache(compilation_cache)
     params = {}
     for kind in ("text_encoder", "unet", "vae"):
-        cfgs[kind], params[kind] = checkpoint.load(folder / kind, kind, dtype=dtype, variant=variant)
+        if kind == "vae" and vae_source is not None:
+            cfgs[kind], params[kind] = vae_source.config, vae_source.load(dtype)
+        elif single is not None:
+            params[kind] = single.load(kind, dtype)
+        else:
+            cfgs[kind], params[kind] = checkpoint.load(folder / kind, kind, dtype=dtype, variant=variant)
     models = sampling.Models(TextEncoder(cfgs["text_encoder"], dtype=dtype), UNet(cfgs["unet"], dtype=dtype),
                              VAE(cfgs["vae"], dtype=dtype))
     mesh = parallel.make_mesh(devices)
     pipe = Pipeline(models, params, tokenizer, sched, mesh=mesh, source=str(path_or_id), attention=attention)
+    pipe.vae_name = vae_source.name if vae_source is not None else None
+    _check_bools(safety_checker=safety_checker)
+    found = safety.find(folder) if safety_checker else None  # on when the checkpoint ships safety_checker/
+    if found is not None:
+        pipe.safety_checker = safety.Checker.from_folder(*found, mesh=mesh, dtype=dtype, attention=attention)
     return pipe.set_loras(lora_list) if lora_list else pipe
+
+
+def _single_file(path, config, variant):
+    """`load_pipeline`'s single-file checkpoint (`single_file.SingleFile`, opened and checked), or None when `path`
+    is a diffusers folder (then `config` must be None)."""
+    if not path.is_file():
+        if config is not None:
+            raise ValueError(f"config= describes a single-file checkpoint; {str(path)!r} is a diffusers folder with "
+                             "its own configs")
+        return None
+    from sdjax import single_file
+
+    if variant is not None:
+        raise ValueError(f"variant={variant!r} picks weights in a diffusers folder; {str(path)!r} is a single file")
+    return single_file.SingleFile(path, config=config)
 
 
 def _lora_specs(loras) -> list[tuple[str, float]]:

@@ -114,12 +114,26 @@ def format_pairs(params: Mapping[str, Any]) -> str:
 
 
 def infotext(generation: Any, index: int, model: str | None = None, extra: Mapping[str, Any] | None = None) -> str:
-    """The infotext of image `index` of a `pipeline.Generation` (model defaults to its settings' model)."""
+    """The infotext of image `index` of a `pipeline.Generation` (model defaults to its settings' model).
+
+    Text settings as A1111 writes them: ``Clip skip: N`` when it is not 1; ``Emphasis: None`` (A1111's mode that
+    reads brackets as text) for the plain prompt syntax, only when A1111's default grammar would read the prompt
+    or negative prompt differently (so plain prompts without brackets look as A1111 writes them)."""
     s = generation.settings
+    prompt, negative = generation.prompts[index], generation.negative_prompts[index]
+    text: dict[str, Any] = {}
+    if s.get("clip_skip", 1) != 1:
+        text["Clip skip"] = s["clip_skip"]
+    if s.get("prompt_syntax") == "plain":
+        from sdjax.prompts import is_plain_text
+
+        if not (is_plain_text(prompt) and is_plain_text(negative)):
+            text["Emphasis"] = "None"
     return format_parameters(
-        generation.prompts[index], generation.negative_prompts[index], steps=s["steps"],
+        prompt, negative, steps=s["steps"],
         scheduler=s["scheduler"], guidance_scale=s["guidance_scale"], seed=generation.seeds[index],
-        width=s["width"], height=s["height"], model=model if model is not None else s.get("model"), extra=extra,
+        width=s["width"], height=s["height"], model=model if model is not None else s.get("model"),
+        extra={**(extra or {}), **text},
     )
 
 

@@ -2,8 +2,9 @@
 
 Each job (`txt2img`, `img2img`, `inpaint`) is one pure function of (models, params, schedule, batch, guidance
 scale[, first call]), jitted once per shape (image size, batch, step count, scheduler) by `pipeline.jit_job`.
-Prompts (as token ids), seeds, images, strength (as the first call index) and the guidance scale are traced
-arguments, so changing them never recompiles.
+Prompts (as token ids and per-token weights), seeds, images, strength (as the first call index) and the guidance
+scale are traced arguments, so changing them never recompiles; the number of 77-token prompt chunks is a shape
+and clip skip a static argument (it decides how many CLIP layers the program holds), each compiling once.
 
 Randomness: image b's key is `jax.random.key(seeds[b])`; its initial noise uses `fold_in(key, 0)` and the
 noise of step i (ancestral samplers) uses `fold_in(fold_in(key, 1), i)`. Nothing depends on the batch size,
@@ -28,6 +29,7 @@ from sdjax.unet import UNet
 from sdjax.vae import VAE
 
 NOISE_INIT, NOISE_STEPS = 0, 1  # fold_in tags of an image's key
+TEXTUAL_INVERSION = "textual_inversion"  # params key of the added token vectors [E, D], when any are loaded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +78,35 @@ def normal_per_image(keys: jax.Array, tag: int, shape: tuple[int, ...], i=None) 
     return jax.vmap(draw)(keys)
 
 
-def encode_text(models: Models, params: dict, ids: jax.Array) -> jax.Array:
-    """Token ids [B, 77] -> the UNet's context, CLIP's last hidden state [B, 77, D]."""
-    return models.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+def encode_text(models: Models, params: dict, ids: jax.Array, weights: jax.Array | None = None,
+                clip_skip: int = 1) -> jax.Array:
+    """Token ids [B, 77] or chunks [B, K, 77] (`prompts.encode_batch`) -> the UNet's context [B, 77*K, D].
+
+    Each 77-token chunk is encoded on its own and the chunks' states are concatenated (A1111's long prompts).
+    clip_skip (static, A1111's numbering: 1 = the last layer) picks the layer (`TextEncoder.encode`); weights
+    [B, K, 77] (traced: new values never recompile) scale the states as A1111's emphasis does (`emphasize`).
+    params["textual_inversion"] [E, D], when present, holds the added token vectors (`Pipeline.load_embedding`)."""
+    b, length = ids.shape[0], ids.shape[-1]
+    chunks = ids.reshape(-1, length)  # [B*K, 77]
+    z: jax.Array = models.text_encoder.apply({"params": params["text_encoder"]}, chunks,
+                                             params.get(TEXTUAL_INVERSION), clip_skip,
+                                             method=TextEncoder.encode)  # type: ignore[assignment]  # [B*K, 77, D]
+    if weights is not None:
+        z = emphasize(z, weights.reshape(-1, length))
+    return z.reshape(b, -1, z.shape[-1])  # [B, 77*K, D]
+
+
+def emphasize(z: jax.Array, weights: jax.Array) -> jax.Array:
+    """A1111's "Original" emphasis: each chunk's states z [N, 77, D] times its tokens' weights [N, 77], then
+    rescaled so that the chunk's mean is what it was. A1111 takes the mean over the whole batch of prompts of a
+    chunk; here it is per prompt (the same for A1111's usual batch of one prompt repeated), so an image never
+    depends on the others in its batch. In float32; a chunk whose weights are all 1 is returned unchanged
+    (exactly: the plain path), where A1111 multiplies by a ratio of two equal means."""
+    zf = z.astype(jnp.float32)
+    scaled = zf * weights[..., None]
+    ratio = zf.mean(axis=(1, 2), keepdims=True) / scaled.mean(axis=(1, 2), keepdims=True)  # [N, 1, 1]
+    plain = jnp.all(weights == 1.0, axis=1)[:, None, None]
+    return jnp.where(plain, zf, scaled * ratio).astype(z.dtype)
 
 
 def to_vae_latents(models: Models, z: jax.Array) -> jax.Array:
@@ -146,24 +174,30 @@ def denoise(models: Models, params: dict, schedule: schedulers.Schedule, x: jax.
     return x
 
 
-def _context(models: Models, params: dict, ids: jax.Array, neg_ids: jax.Array, use_cfg: bool) -> jax.Array:
+def _context(models: Models, params: dict, batch: dict[str, jax.Array], use_cfg: bool, clip_skip: int) -> jax.Array:
+    """The UNet's context from batch "ids"/"neg_ids" [B, K, 77] (and "weights"/"neg_weights" [B, K, 77] with the
+    a1111 prompt syntax): [B, 77*K, D], or with CFG [2B, 77*K, D] interleaved [uncond_0, cond_0, uncond_1, ...]."""
+    ids, weights = batch["ids"], batch.get("weights")
     if not use_cfg:
-        return encode_text(models, params, ids)  # [B, 77, D]
+        return encode_text(models, params, ids, weights, clip_skip)  # [B, 77*K, D]
     # One text-encoder call on [uncond_0, cond_0, uncond_1, cond_1, ...] (the order `guided_eps` expects): one
     # copy of CLIP in the compiled program instead of two.
-    both = jnp.stack([neg_ids, ids], axis=1).reshape(-1, ids.shape[1])  # [2B, 77]
-    return encode_text(models, params, both)  # [2B, 77, D]
+    both = jnp.stack([batch["neg_ids"], ids], axis=1).reshape(-1, *ids.shape[1:])  # [2B, K, 77]
+    if weights is not None:
+        weights = jnp.stack([batch["neg_weights"], weights], axis=1).reshape(-1, *weights.shape[1:])
+    return encode_text(models, params, both, weights, clip_skip)  # [2B, 77*K, D]
 
 
 def txt2img(models: Models, params: dict, schedule: schedulers.Schedule, batch: dict[str, jax.Array],
-            guidance_scale: jax.Array, *, height: int, width: int, use_cfg: bool,
+            guidance_scale: jax.Array, *, height: int, width: int, use_cfg: bool, clip_skip: int = 1,
             progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """Prompts -> (pixels [B, H, W, 3] in [0, 1], final latents [B, H/8, W/8, 4]).
 
-    batch: "ids", "neg_ids" [B, 77] token ids, "seeds" [B] uint32, optionally "latents" [B, H/8, W/8, 4]
+    batch: "ids", "neg_ids" [B, K, 77] token ids (K chunks; [B, 77] is one), optionally "weights", "neg_weights"
+    [B, K, 77] (the a1111 prompt syntax, `_context`), "seeds" [B] uint32, optionally "latents" [B, H/8, W/8, 4]
     unscaled standard-normal starting noise (as the reference's `latents=`) replacing the seeded draw.
     """
-    context = _context(models, params, batch["ids"], batch["neg_ids"], use_cfg)
+    context = _context(models, params, batch, use_cfg, clip_skip)
     keys = image_keys(batch["seeds"])
     shape = (height // models.vae_scale, width // models.vae_scale, models.latent_channels)
     latents = batch.get("latents")
@@ -185,7 +219,7 @@ def encode_image(models: Models, params: dict, pixels: jax.Array) -> jax.Array:
 
 
 def img2img(models: Models, params: dict, schedule: schedulers.Schedule, batch: dict[str, jax.Array],
-            guidance_scale: jax.Array, first: jax.Array, *, use_cfg: bool,
+            guidance_scale: jax.Array, first: jax.Array, *, use_cfg: bool, clip_skip: int = 1,
             progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """Image to image: the image's latents noised to call index `first` (traced), then calls first.. of the
     sampler, as diffusers' StableDiffusionImg2ImgPipeline (strength picks `first` on the host).
@@ -193,7 +227,7 @@ def img2img(models: Models, params: dict, schedule: schedulers.Schedule, batch: 
     batch: as `txt2img`'s plus "pixels" [B, H, W, 3] in [0, 1]; its optional "latents" [B, h, w, 4] are the
     standard-normal noise replacing the seeded draw.
     """
-    context = _context(models, params, batch["ids"], batch["neg_ids"], use_cfg)
+    context = _context(models, params, batch, use_cfg, clip_skip)
     keys = image_keys(batch["seeds"])
     x0 = encode_image(models, params, batch["pixels"])
     latents = batch.get("latents")
@@ -206,7 +240,7 @@ def img2img(models: Models, params: dict, schedule: schedulers.Schedule, batch: 
 
 def inpaint(models: Models, params: dict, schedule: schedulers.Schedule, batch: dict[str, jax.Array],
             guidance_scale: jax.Array, first: jax.Array, *, use_cfg: bool, dedicated: bool, paste_back: bool,
-            progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+            clip_skip: int = 1, progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """Repaints where batch["masks"] [B, H, W] (in [0, 1]) are 1, keeps batch["pixels"] [B, H, W, 3] where
     they are 0 (the rest of the batch as `img2img`'s).
 
@@ -217,7 +251,7 @@ def inpaint(models: Models, params: dict, schedule: schedulers.Schedule, batch: 
     masks blend softly. paste_back puts the original pixels back outside the mask after decoding.
     From strength 1 (first == 0) the start is pure noise; below it, the image's latents noised to `first`.
     """
-    context = _context(models, params, batch["ids"], batch["neg_ids"], use_cfg)
+    context = _context(models, params, batch, use_cfg, clip_skip)
     keys = image_keys(batch["seeds"])
     pixels, masks, latents = batch["pixels"], batch["masks"], batch.get("latents")
     s = models.vae_scale

@@ -140,6 +140,15 @@ def test_hub_patterns_fp16_variant():
     assert fetched == SD15_COMMON | weights
 
 
+def test_hub_patterns_with_the_safety_checker():
+    """load_pipeline's default also fetches the safety checker's safetensors (never its pickles)."""
+    for variant, weights in ((None, "safety_checker/model.safetensors"), ("fp16", "safety_checker/model.fp16.safetensors")):
+        with_checker = set(filter_repo_objects(SD15_FILES, allow_patterns=io.hub_allow_patterns(variant, safety_checker=True)))
+        without = set(filter_repo_objects(SD15_FILES, allow_patterns=io.hub_allow_patterns(variant)))
+        assert with_checker - without == {"feature_extractor/preprocessor_config.json", "safety_checker/config.json",
+                                          weights}
+
+
 def test_hub_patterns_match_sharded_names():
     """Sharded checkpoints (plain and variant) and their index files match."""
     files = ["unet/diffusion_pytorch_model-00001-of-00002.safetensors",
