@@ -15,6 +15,11 @@ all it takes to resume the stream exactly. Batches run straight across epoch bou
 Bad images (unreadable, truncated, not an image) are reported with their path: `bad_images="skip"` warns once
 and leaves them out, `"error"` raises `BadImageError`.
 
+Sharing batches (a multi-process run): `batches(..., rows=, agree=)` yields only the given rows of each batch,
+loading just those examples; the batches are the same selection of examples, with the same positions, as
+without `rows`, so callers that split the rows between them together see the whole batch. A bad image found
+while loading is agreed on through `agree` (every caller then skips, or raises for, the same one).
+
 `ImageCaptionDataset.cache(...)` encodes every image and caption once (VAE latents and text embeddings,
 optionally stored in a safetensors file) and returns a `CachedDataset` with the same order and positions.
 Cached latents are fixed, so random crops and flips cannot be applied per epoch: caching a dataset that
@@ -180,13 +185,46 @@ class _Stream:
         """The example order of an epoch: a permutation that depends only on (seed, epoch)."""
         return np.random.default_rng([self.seed, epoch, 0]).permutation(len(self))
 
-    def batches(self, batch_size: int, position: DataPosition = DataPosition()) -> Iterator[tuple[dict, DataPosition]]:
+    # Whether loading an example can find it unusable (a bad image): then callers sharing batches must agree.
+    may_fail = False
+
+    def usable(self, i: int) -> bool:
+        """False when example i is known to be skipped, without loading it (e.g. a bad image found before)."""
+        return True
+
+    def fetch(self, i: int, epoch: int) -> dict[str, Any] | BadImageError:
+        """Example i as seen in `epoch`, or the error that makes it unusable (not warned about, not raised)."""
+        item = self.item(i, epoch)
+        if item is None:
+            raise RuntimeError(f"example {i} was expected to be usable")
+        return item
+
+    def reject(self, i: int, error: BadImageError | None) -> None:
+        """Example i turned out unusable while batches were shared (`error`: this caller's error loading it, None
+        when another caller loaded it): skip it from now on, or raise."""
+        raise RuntimeError(f"example {i} cannot be rejected: {error}")
+
+    def batches(self, batch_size: int, position: DataPosition = DataPosition(), *,
+                rows: Sequence[int] | np.ndarray | None = None,
+                agree: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[tuple[dict, DataPosition]]:
         """Endless batches from `position`: yields (batch, position after it); batches cross epoch boundaries.
 
         batch: the items' fields stacked (arrays) or listed (strings), plus "index" [B] int32 example ids.
+
+        rows: only these rows (positions in [0, batch_size), ascending) of each batch are loaded and yielded, in
+        that order; the batches are the same examples and the positions the same as without `rows`, so callers
+        that split the rows between them (the processes of a multi-process run) together see the whole batch.
+        agree: with `rows`, where several callers share the batches: called once per batch attempt (when loading
+        can fail, `may_fail`) with [batch_size] int32, 1 at each of this caller's rows that turned out to be a bad
+        image, it returns the element-wise max over all callers (e.g. `parallel.all_processes_max`); such
+        examples are then skipped (or raise, with bad_images="error") by every caller, and the batch is drawn
+        again from the same position. None: this caller alone.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if rows is not None:
+            yield from self._row_batches(batch_size, position, np.asarray(rows, np.int64).reshape(-1), agree)
+            return
         epoch, index = position.epoch, position.index
         order, items, fruitless = self.order(epoch), [], 0
         while True:
@@ -205,6 +243,61 @@ class _Stream:
             if len(items) == batch_size:
                 yield _stack(items), DataPosition(epoch, index)
                 items = []
+
+    def _select(self, batch_size: int, position: DataPosition, orders: dict[int, np.ndarray]
+                ) -> tuple[list[int], list[int], DataPosition]:
+        """The next batch's example ids and their epochs, and the position after it, loading nothing: what
+        `batches` would yield from `position` when every example that is not known to be unusable loads."""
+        def order(e: int) -> np.ndarray:
+            if e not in orders:
+                orders.clear()  # one epoch at a time
+                orders[e] = self.order(e)
+            return orders[e]
+
+        epoch, index = position.epoch, position.index
+        ids: list[int] = []
+        epochs: list[int] = []
+        fruitless = 0
+        while len(ids) < batch_size:
+            if index >= len(order(epoch)):
+                epoch, index = epoch + 1, 0
+                fruitless += 1
+                if fruitless > 1:
+                    raise ValueError("no usable examples: every image in the dataset was skipped")
+            i = int(order(epoch)[index])
+            index += 1
+            if not self.usable(i):
+                continue
+            fruitless = 0
+            ids.append(i)
+            epochs.append(epoch)
+        return ids, epochs, DataPosition(epoch, index)
+
+    def _row_batches(self, batch_size: int, position: DataPosition, rows: np.ndarray,
+                     agree: Callable[[np.ndarray], np.ndarray] | None) -> Iterator[tuple[dict, DataPosition]]:
+        """`batches` with `rows`: see there."""
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= batch_size or np.any(np.diff(rows) <= 0):
+            raise ValueError(f"rows must be ascending positions in [0, {batch_size}), got {rows.tolist()}")
+        orders: dict[int, np.ndarray] = {}
+        while True:
+            ids, epochs, after = self._select(batch_size, position, orders)
+            items: list[dict[str, Any]] = []
+            failed = np.zeros(batch_size, np.int32)
+            errors: dict[int, BadImageError] = {}
+            for r in rows.tolist():
+                got = self.fetch(ids[r], epochs[r])
+                if isinstance(got, BadImageError):
+                    failed[r], errors[r] = 1, got
+                else:
+                    items.append({**got, "index": np.int32(ids[r])})
+            if agree is not None and self.may_fail:
+                failed = np.asarray(agree(failed))
+            if failed.any():
+                for r in np.flatnonzero(failed).tolist():  # in batch order: every caller raises for the same one
+                    self.reject(ids[r], errors.get(r))
+                continue  # the same position again, without them
+            yield _stack(items), after
+            position = after
 
 
 def _stack(items: list[dict]) -> dict[str, Any]:
@@ -280,6 +373,10 @@ class ImageCaptionDataset(_Stream):
             warnings.warn(f"skipping bad image: {e}", stacklevel=2)
             self.bad.add(i)
             return None
+        return self._pixels(img, i, epoch)
+
+    def _pixels(self, img: Image.Image, i: int, epoch: int) -> np.ndarray:
+        """A decoded image -> example i's pixels as seen in `epoch` (its crop and flip)."""
         offset, flip = self.augmentation(i, epoch)
         img = resize_and_crop(img, self.size, offset)
         if flip:
@@ -289,6 +386,26 @@ class ImageCaptionDataset(_Stream):
     def item(self, i: int, epoch: int) -> dict[str, Any] | None:
         pixels = self.load(i, epoch)
         return None if pixels is None else {"pixels": pixels, "caption": self.examples[i].caption}
+
+    may_fail = True
+
+    def usable(self, i: int) -> bool:
+        return i not in self.bad
+
+    def fetch(self, i: int, epoch: int) -> dict[str, Any] | BadImageError:
+        try:
+            img = read_image(self.examples[i].path)
+        except BadImageError as e:
+            return e
+        return {"pixels": self._pixels(img, i, epoch), "caption": self.examples[i].caption}
+
+    def reject(self, i: int, error: BadImageError | None) -> None:
+        if self.bad_images == "error":
+            raise error or BadImageError(f"cannot read image {str(self.examples[i].path)!r} (found by another "
+                                         "process loading its rows of the batch)")
+        if error is not None:
+            warnings.warn(f"skipping bad image: {error}", stacklevel=2)
+        self.bad.add(i)
 
     def fingerprint(self) -> str:
         """A hash of what the cached encodings depend on: files (path, size, mtime), captions, size, crop."""
@@ -360,6 +477,9 @@ class CachedDataset(_Stream):
     def item(self, i: int, epoch: int) -> dict[str, Any] | None:
         r = self.row.get(i)
         return None if r is None else {"latents": self.latents[r], "context": self.context[r]}
+
+    def usable(self, i: int) -> bool:
+        return i in self.row
 
     def save(self, path: str | Path) -> None:
         """Writes a safetensors file (atomically)."""

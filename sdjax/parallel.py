@@ -167,6 +167,34 @@ def row_processes(mesh: Mesh, size: int) -> np.ndarray:
     return np.repeat(owners, size // n)
 
 
+def process_rows(mesh: Mesh, size: int) -> np.ndarray:
+    """[rows] int, ascending: the rows of a batch of `size` sharded over `mesh` that this process's devices hold
+    (all of them in a single-process run); contiguous where the mesh lists each process's devices together."""
+    return np.flatnonzero(row_processes(mesh, size) == jax.process_index())
+
+
+def put_rows(tree: Any, mesh: Mesh, rows: np.ndarray, size: int) -> Any:
+    """This process's rows of a global batch -> global arrays of `size` rows sharded over the mesh's batch axis.
+    Each process passes only the rows its devices hold, `rows = process_rows(mesh, size)`, in that order (e.g.
+    what its data loader read): `put_batch(..., local=True)` for any order of the mesh's devices."""
+    sharding = batch_sharded(mesh)
+    where = {int(r): k for k, r in enumerate(np.asarray(rows).tolist())}
+
+    def put(a):
+        a = np.asarray(a)
+        if a.shape[0] != len(where):
+            raise ValueError(f"expected this process's {len(where)} rows, got an array of shape {a.shape}")
+
+        def block(idx):  # a device's rows [start, stop): contiguous in `rows`
+            start, stop, _ = idx[0].indices(size)
+            k = where[start]
+            return a[(slice(k, k + stop - start), *idx[1:])]
+
+        return jax.make_array_from_callback((size, *a.shape[1:]), sharding, block)
+
+    return jax.tree.map(put, tree)
+
+
 def sync(name: str) -> None:
     """Waits until every process got here (a no-op in a single-process run)."""
     if jax.process_count() > 1:

@@ -21,10 +21,15 @@ Multi-process (multi-host) runs: every process makes the same `train_lora` call 
 `out` on a file system that all of them see: orbax writes each checkpoint collectively, every process its own
 part) after joining the run (`parallel.initialize`, or `distributed=`: the CLI's --coordinator/--num-processes/
 --process-id/--distributed, joined once the checks that need no device have passed). The LoRA, its optimizer
-state and the run key are replicated global arrays. Data: every process reads the whole global batch of each
-step and puts only the rows its own devices hold (`parallel.put_batch`), so all processes see the same global
-batches by construction (the order depends on the seed only; skipped bad images are skipped alike) at the
-cost of decoding each batch once per process (with cache_latents a batch is an index into arrays). A
+state and the run key are replicated global arrays. Data, sharded by process: every process draws the same
+global batches and positions (the order depends on the seed only; the data position in checkpoints is global),
+but reads and decodes only the rows of each global batch that its own devices hold (`parallel.process_rows`;
+a contiguous block per process with the default mesh) and puts them into the global batch
+(`parallel.put_rows`), so each image of a step is decoded by one process. A bad image found while loading is
+agreed on by all processes (one small all-gather per batch, only with raw images) and skipped alike (or stops
+all of them with bad_images="error"). The up-front data check (`check_run`, before joining) still decodes
+every image once in every process, and so does making the latent cache (see below); with cache_latents a row
+is an index into the cached arrays. A
 SIGTERM/SIGINT received by any process stops all of them after the same step (they agree after every step;
 a process that stopped alone would hang the others in the next collective). Process 0 alone writes
 metrics.jsonl, the sample PNGs (every process runs the sampling: it is a collective) and the exported LoRA;
@@ -407,13 +412,28 @@ def initial_state(cfg: TrainConfig, pipe, optimizer: optax.GradientTransformatio
     return TrainState(lo, opt_state, 0, key, data.DataPosition())
 
 
-def _device_batch(batch: dict, pipe) -> dict:
-    """Host batch -> the step's inputs (captions tokenized), sharded over the mesh."""
+def _host_batches(dataset, cfg: TrainConfig, pipe, position: data.DataPosition):
+    """The run's host batches from `position`: whole global batches in a single-process run; in a multi-process
+    run only the rows of each global batch that this process's devices hold (`parallel.process_rows`), the
+    others neither read nor decoded here. Every process draws the same global batches and positions; a bad image
+    found while loading is agreed on (`parallel.all_processes_max`, once per batch) so all skip it alike."""
+    if jax.process_count() == 1:
+        return dataset.batches(cfg.batch_size, position)
+    rows = parallel.process_rows(pipe.mesh, cfg.batch_size)
+    return dataset.batches(cfg.batch_size, position, rows=rows, agree=parallel.all_processes_max)
+
+
+def _device_batch(batch: dict, pipe, size: int | None = None) -> dict:
+    """Host batch -> the step's inputs (captions tokenized), sharded over the mesh. size=None: `batch` is the
+    whole global batch (every process passes the same one); else it holds this process's rows of a global batch
+    of `size` rows (`_host_batches`'s in a multi-process run)."""
     if "latents" in batch:
         arrays = {"latents": batch["latents"], "context": batch["context"]}
     else:
         arrays = {"pixels": batch["pixels"], "ids": pipe.tokenizer(batch["caption"])}
-    return parallel.put_batch(arrays, pipe.mesh)
+    if size is None:
+        return parallel.put_batch(arrays, pipe.mesh)
+    return parallel.put_rows(arrays, pipe.mesh, parallel.process_rows(pipe.mesh, size), size)
 
 
 def _loop(step_fn, state: TrainState, pipe, dataset, ckpt: Checkpointer, cfg: TrainConfig, out: Path,
@@ -431,11 +451,13 @@ def _loop(step_fn, state: TrainState, pipe, dataset, ckpt: Checkpointer, cfg: Tr
     log = _MetricsLog(out / "metrics.jsonl", state.step) if primary else None
     stopped_by = None
     with StopSignals() as signals:
-        batches = dataset.batches(cfg.batch_size, state.position)
+        batches = _host_batches(dataset, cfg, pipe, state.position)
+        rows_of = None if jax.process_count() == 1 else cfg.batch_size  # multi-process: this process's rows only
         while state.step < stop_at:
             batch, position = next(batches)
             t0 = time.perf_counter()
-            lo, opt_state, metrics = step_fn(state.lora, state.opt_state, pipe.params, _device_batch(batch, pipe),
+            lo, opt_state, metrics = step_fn(state.lora, state.opt_state, pipe.params,
+                                             _device_batch(batch, pipe, rows_of),
                                              jax.random.fold_in(step_keys, state.step))
             state = TrainState(lo, opt_state, state.step + 1, state.key, position)
             loss = float(metrics["loss"])

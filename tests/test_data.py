@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import threading
 import warnings
 
 import numpy as np
@@ -256,3 +258,86 @@ def test_check_decodes_every_image_up_front(tmp_path):
     assert len(caught) == 2  # warned once each, at the check
     good = make_txt_folder(tmp_path / "good", 3)
     assert data.ImageCaptionDataset(good, 8).check().bad == set()
+
+
+def shared_batches(datasets, rows, batch_size, steps, position=data.DataPosition()):
+    """Each dataset in its own thread draws `steps` batches loading only its `rows`, agreeing on bad images
+    through a barrier (as processes do through `parallel.all_processes_max`); -> per caller, its (batch,
+    position) list or the exception it raised."""
+    barrier = threading.Barrier(len(datasets), timeout=60)
+    masks = [None] * len(datasets)
+
+    def run(k):
+        def agree(mask):
+            masks[k] = mask
+            barrier.wait()
+            agreed = np.max(np.stack(masks), axis=0)
+            barrier.wait()  # every caller has read the masks before any writes the next one
+            return agreed
+
+        stream = datasets[k].batches(batch_size, position, rows=rows[k], agree=agree)
+        try:
+            return [next(stream) for _ in range(steps)]
+        except Exception as e:  # noqa: BLE001 - returned to the test (callers fail together, after agreeing)
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(len(datasets)) as pool:
+        return list(pool.map(run, range(len(datasets))))
+
+
+def test_rows_of_shared_batches_are_those_of_the_whole_batches(tmp_path, monkeypatch):
+    folder = make_txt_folder(tmp_path / "d", 5)
+    settings = {"crop": "random", "random_flip": True, "seed": 3}
+    whole = list(zip(range(6), data.ImageCaptionDataset(folder, 8, **settings).batches(4, data.DataPosition(0, 2))))
+    decoded = []
+    read = data.read_image
+    monkeypatch.setattr(data, "read_image", lambda path: decoded.append(path.name) or read(path))
+    parts = [data.ImageCaptionDataset(folder, 8, **settings) for _ in range(2)]
+    rows = [[0, 1], [2, 3]]
+    got = shared_batches(parts, rows, 4, 6, data.DataPosition(0, 2))
+    assert len(decoded) == 6 * 4  # every example of the 6 batches decoded once, by one caller
+    for step, (batch, position) in whole:
+        for k in range(2):
+            part, part_position = got[k][step]
+            assert part_position == position  # the same (global) positions everywhere
+            np.testing.assert_array_equal(part["index"], batch["index"][rows[k]])
+            np.testing.assert_array_equal(part["pixels"], batch["pixels"][rows[k]])
+            assert part["caption"] == [batch["caption"][r] for r in rows[k]]
+    with pytest.raises(ValueError, match="ascending"):
+        next(parts[0].batches(4, rows=[2, 1]))
+
+
+def test_bad_images_in_shared_batches_are_skipped_alike(tmp_path):
+    folder = corrupt_folder(tmp_path)  # img1, img2 bad; nothing checked up front
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = [next(b) for b in [data.ImageCaptionDataset(folder, 8, seed=5).batches(2)] for _ in range(5)]
+    parts = [data.ImageCaptionDataset(folder, 8, seed=5) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = shared_batches(parts, [[0], [1]], 2, 5)
+    for step, (batch, position) in enumerate(whole):
+        for k in range(2):
+            assert got[k][step][1] == position
+            np.testing.assert_array_equal(got[k][step][0]["index"], batch["index"][[k]])
+    assert parts[0].bad == parts[1].bad == {1, 2}
+    assert sorted(str(w.message).split("'")[1].rsplit("/", 1)[1] for w in caught) == ["img1.png", "img2.png"]
+
+    failing = [data.ImageCaptionDataset(folder, 8, seed=5, bad_images="error") for _ in range(2)]
+    errors = shared_batches(failing, [[0], [1]], 2, 5)
+    assert all(isinstance(e, data.BadImageError) for e in errors), errors
+    assert len({str(e).split("'")[1] for e in errors}) == 1  # every caller names the same image
+
+
+def test_cached_shared_batches_index_rows(tmp_path):
+    folder = corrupt_folder(tmp_path)
+    images, captions, _ = fake_encoders()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cached = data.ImageCaptionDataset(folder, 8, seed=4).cache(images, captions)
+    whole = [b for _, b in zip(range(3), cached.batches(2, data.DataPosition(1, 0)))]
+    rows = [b for _, b in zip(range(3), cached.batches(2, data.DataPosition(1, 0), rows=[1]))]
+    for (batch, position), (part, part_position) in zip(whole, rows):
+        assert part_position == position
+        np.testing.assert_array_equal(part["latents"], batch["latents"][[1]])
+        np.testing.assert_array_equal(part["index"], batch["index"][[1]])

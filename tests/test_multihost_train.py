@@ -1,6 +1,7 @@
 """Multi-process LoRA training on localhost: `sdjax train-lora` in 2 processes x 2 simulated CPU devices joined by
 `jax.distributed` trains the same LoRA as 1 process with 4 devices and the same global batch; process 0 alone
-writes the metrics, samples, latent cache and export; the 2-process run resumes from its mid-run checkpoint."""
+writes the metrics, samples, latent cache and export; each process loads only its own rows of every global
+batch; the 2-process run resumes from its mid-run checkpoint."""
 
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ FLAGS = ["--rank", "2", "--lr", "1e-2", "--steps", str(STEPS), "--batch-size", "
          "--seed", "1", "--cache-latents", "mean", "--checkpoint-every", "2", "--keep-last", "3",
          "--sample-every", str(STEPS), "--sample-prompt", "a red circle", "--no-progress"]
 
-# `sdjax train-lora` with the writers that only process 0 may call wrapped to record their calls, in a JSON
-# list at argv[1] (written when the command returns).
+# `sdjax train-lora` with the writers that only process 0 may call wrapped to record their calls, and the
+# training data's loads wrapped to record the example ids loaded, in a JSON object {"calls": [...], "rows": [...]}
+# at argv[1] (written when the command returns).
 RUNNER = textwrap.dedent("""
     import json, sys
     import PIL.Image
-    from sdjax import cli, io, train
+    from sdjax import cli, data, io, train
 
-    calls = []
+    calls, rows = [], []
 
     def spy(owner, name):
         original = getattr(owner, name)
@@ -46,9 +48,17 @@ RUNNER = textwrap.dedent("""
     spy(io, "write_safetensors")  # the latent cache and the exported LoRA
     spy(PIL.Image.Image, "save")  # sample images
     spy(train._MetricsLog, "write")
+    # The training steps' loads (not the cache's encoding); CachedDataset.fetch is its item.
+    for cls, name in ((data.CachedDataset, "item"), (data.ImageCaptionDataset, "item"),
+                      (data.ImageCaptionDataset, "fetch")):
+        def load(self, i, epoch, original=getattr(cls, name)):
+            rows.append(int(i))
+            return original(self, i, epoch)
+
+        setattr(cls, name, load)
     code = cli.main(sys.argv[2:])
     with open(sys.argv[1], "w") as f:
-        json.dump(calls, f)
+        json.dump({"calls": calls, "rows": rows}, f)
     sys.exit(code)
 """)
 
@@ -95,7 +105,20 @@ def finish(procs: list[subprocess.Popen]) -> list[str]:
 
 
 def calls(report: Path) -> list[str]:
-    return json.loads(report.read_text())
+    return json.loads(report.read_text())["calls"]
+
+
+def loaded(report: Path) -> list[int]:
+    """The example ids the process loaded for its training steps, in order."""
+    return json.loads(report.read_text())["rows"]
+
+
+def assert_own_rows(reports: Path, single: list[int], steps: range) -> None:
+    """Each of the 2 processes loaded exactly its devices' rows of every step's global batch (process 0 rows
+    0-1, process 1 rows 2-3 of 4: 2 devices each), the global batches being those of 1 process (`single`)."""
+    per_step = [single[4 * s:4 * s + 4] for s in steps]
+    assert loaded(reports / "p0.json") == [i for b in per_step for i in b[:2]]
+    assert loaded(reports / "p1.json") == [i for b in per_step for i in b[2:]]
 
 
 def assert_same_lora(a: Path, b: Path, atol: float) -> None:
@@ -127,6 +150,9 @@ def test_two_processes_train_the_same_lora_as_one(model, tmp_path):
     assert sorted(calls(tmp_path / "p0.json")) == sorted(["write_safetensors"] * 2 + ["save"] + ["write"] * STEPS)
     assert calls(tmp_path / "p1.json") == []
     assert calls(tmp_path / "single.json") == calls(tmp_path / "p0.json")
+    single_rows = loaded(tmp_path / "single.json")
+    assert len(single_rows) == 4 * STEPS
+    assert_own_rows(tmp_path, single_rows, range(STEPS))
     lines = [json.loads(ln) for ln in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, STEPS + 1))
     single_lines = [json.loads(ln) for ln in (single / "metrics.jsonl").read_text().splitlines()]
@@ -144,3 +170,4 @@ def test_two_processes_train_the_same_lora_as_one(model, tmp_path):
         list(range(1, STEPS + 1))
     assert sorted(calls(tmp_path / "p0.json")) == sorted(["write_safetensors"] + ["write"] * (STEPS - 2))
     assert calls(tmp_path / "p1.json") == []
+    assert_own_rows(tmp_path, single_rows, range(2, STEPS))  # from the checkpoint's (global) data position
