@@ -90,9 +90,18 @@ def assert_same_params(got, want, cast=None):
 
 
 @pytest.fixture(scope="module")
-def sd_file(tiny_torch_pipe, tmp_path_factory):
+def torch_pipe(tiny_sd_folder):
+    """The tiny torch pipeline as saved in `tiny_sd_folder`, fresh for this module: the session's in-memory
+    pipeline may carry 1-ulp changes from other modules' LoRA fuse/unfuse, and these tests compare exactly."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_sd_folder)
+
+
+@pytest.fixture(scope="module")
+def sd_file(torch_pipe, tmp_path_factory):
     """The tiny pipeline as an EMA-only fp32 single file (like v1-5-pruned-emaonly.safetensors)."""
-    return write_single_file(tmp_path_factory.mktemp("single") / "tiny-emaonly.safetensors", tiny_torch_pipe)
+    return write_single_file(tmp_path_factory.mktemp("single") / "tiny-emaonly.safetensors", torch_pipe)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +113,7 @@ def file_pipe(sd_file, tiny_sd_folder):
 KW = dict(steps=4, height=64, width=64, scheduler="ddim", progress=False)
 
 
-def test_single_file_matches_folder_and_diffusers(sd_file, file_pipe, params, tiny_sd_folder, tiny_torch_pipe):
+def test_single_file_matches_folder_and_diffusers(sd_file, file_pipe, params, tiny_sd_folder, torch_pipe):
     assert_same_params(file_pipe.params, params)
     theirs = from_single_file(sd_file, tiny_sd_folder)
     theirs.scheduler = torch_scheduler("ddim")
@@ -116,7 +125,7 @@ def test_single_file_matches_folder_and_diffusers(sd_file, file_pipe, params, ti
     print(f"[single file] sdjax vs diffusers from_single_file: max abs err {err:.3g}")
     assert err <= TOL
     # diffusers read the same weights from the file as from the folder: the file's names are the original ones.
-    assert_same_torch(theirs, tiny_torch_pipe)
+    assert_same_torch(theirs, torch_pipe)
 
 
 def assert_same_torch(theirs, torch_pipe, names=("unet", "vae", "text_encoder")):
@@ -127,27 +136,27 @@ def assert_same_torch(theirs, torch_pipe, names=("unet", "vae", "text_encoder"))
                 torch.testing.assert_close(mine[k], v, rtol=0, atol=0, msg=f"{name}.{k}")
 
 
-def test_fp16_file(tiny_torch_pipe, tiny_sd_folder, tmp_path, params):
-    path = write_single_file(tmp_path / "tiny-fp16.safetensors", tiny_torch_pipe, dtype=np.float16)
+def test_fp16_file(torch_pipe, tiny_sd_folder, tmp_path, params):
+    path = write_single_file(tmp_path / "tiny-fp16.safetensors", torch_pipe, dtype=np.float16)
     sf = single_file.SingleFile(path, config=tiny_sd_folder)
     for kind in ("text_encoder", "unet", "vae"):
         assert_same_params(sf.load(kind), params[kind], cast=np.float16)  # fp16 values, exactly
     assert flat(sf.load("unet", "bfloat16"))[("conv_in", "kernel")].dtype == np.dtype("bfloat16")
 
 
-def test_full_checkpoint_with_ema(tiny_torch_pipe, tiny_sd_folder, tmp_path, params):
+def test_full_checkpoint_with_ema(torch_pipe, tiny_sd_folder, tmp_path, params):
     """A full checkpoint: the model.diffusion_model weights are used, as diffusers' from_single_file does by
     default; ema=True takes the model_ema copy (diffusers' extract_ema=True)."""
-    other = ref.unet(dict(tiny_torch_pipe.unet.config), seed=11)
-    path = write_single_file(tmp_path / "tiny-full.safetensors", tiny_torch_pipe, ema_unet=other)
+    other = ref.unet(dict(torch_pipe.unet.config), seed=11)
+    path = write_single_file(tmp_path / "tiny-full.safetensors", torch_pipe, ema_unet=other)
     sf = single_file.SingleFile(path, config=tiny_sd_folder)
     assert_same_params(sf.load("unet"), params["unet"])
     ema = single_file.SingleFile(path, config=tiny_sd_folder, ema=True).load("unet")
     folder = ref.save(other, tmp_path / "other_unet")
     assert_same_params(ema, checkpoint.load(folder, "unet")[1])
-    assert_same_torch(from_single_file(path, tiny_sd_folder), tiny_torch_pipe, ("unet",))
+    assert_same_torch(from_single_file(path, tiny_sd_folder), torch_pipe, ("unet",))
     with pytest.raises(io.CheckpointError, match="no EMA weights"):
-        single_file.SingleFile(write_single_file(tmp_path / "emaonly.safetensors", tiny_torch_pipe),
+        single_file.SingleFile(write_single_file(tmp_path / "emaonly.safetensors", torch_pipe),
                                config=tiny_sd_folder, ema=True)
 
 
@@ -177,10 +186,10 @@ def test_inpainting_file(inpaint_torch, tmp_path):
     assert_same_torch(theirs, torch_pipe)
 
 
-def test_detection(tiny_torch_pipe, tmp_path):
+def test_detection(torch_pipe, tmp_path):
     """Without config=, the file is checked against SD1.5 (4 channels) or SD1.5 inpainting (9): the tiny model
     is neither, and the error says so and asks for config=."""
-    path = write_single_file(tmp_path / "a.safetensors", tiny_torch_pipe, extras=False)
+    path = write_single_file(tmp_path / "a.safetensors", torch_pipe, extras=False)
     with pytest.raises(io.CheckpointError, match=r"not SD1\.5's size.*config="):
         sdp.load_pipeline(path)
     for channels, preset in ((4, "sd15"), (9, "sd15-inpaint")):
@@ -210,8 +219,8 @@ def test_detection(tiny_torch_pipe, tmp_path):
 
 
 @pytest.mark.parametrize("fault", ["missing", "unexpected", "shape"])
-def test_bad_keys_are_named(fault, tiny_torch_pipe, tiny_sd_folder, tmp_path):
-    state = original_state(tiny_torch_pipe)
+def test_bad_keys_are_named(fault, torch_pipe, tiny_sd_folder, tmp_path):
+    state = original_state(torch_pipe)
     key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
     if fault == "missing":
         del state[key]
