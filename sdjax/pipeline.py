@@ -226,7 +226,10 @@ class Pipeline:
 
         clip_skip: A1111's "Clip skip" (1: CLIP's last layer, 2: the penultimate; diffusers' clip_skip + 1).
         prompt_syntax: "plain" (the text as it is, the reference's ids) or "a1111" (``(word:1.3)``, ``[word]``,
-        BREAK, ...; `sdjax.prompts`). Either way prompts longer than 75 tokens are encoded in 75-token chunks."""
+        BREAK, ...; `sdjax.prompts`). Either way prompts longer than 75 tokens are encoded in 75-token chunks.
+        Returns a `Generation`: PIL images, pixels [B, H, W, 3] float32 in [0, 1], latents [B, H/8, W/8, 4]
+        float32 (the denoised latents in the UNet's space, before `to_vae_latents`), and the prompts, seeds and
+        settings used."""
         _check_bools(progress=progress, allow_large=allow_large)
         req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
                              latents=latents, allow_large=allow_large, clip_skip=clip_skip,

@@ -189,6 +189,9 @@ class Decoder(nn.Module):
 class VAE(nn.Module):
     """`encode(x) -> (mean, logvar)` of the diagonal Gaussian posterior; `decode(z) -> x`.
 
+    x: [B, H, W, 3] in [-1, 1] (NHWC); mean, logvar, z: [B, H/8, W/8, latent_channels] (4 for SD), float of
+    the module's dtype; decode returns [B, H, W, 3], about [-1, 1] (pipelines clip to it).
+
     Latents here are the autoencoder's own; pipelines multiply by `config.scaling_factor` (after subtracting
     `shift_factor`, if any) to get the diffusion model's latents, and undo it before `decode`.
     """
