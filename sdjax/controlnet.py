@@ -160,30 +160,19 @@ class ControlNetConfig:
         return cfg
 
     def to_diffusers(self) -> dict[str, Any]:
+        # The encoder's fields are the UNet's (`unet_config`); only the decoder-side ones are left out.
+        shared = {k: v for k, v in self.unet_config().to_diffusers().items() if k not in _UNET_ONLY_FIELDS}
         return {
+            **shared,
             "_class_name": "ControlNetModel",
-            "in_channels": self.in_channels,
             "conditioning_channels": self.conditioning_channels,
             "conditioning_embedding_out_channels": list(self.conditioning_embedding_out_channels),
             "controlnet_conditioning_channel_order": self.channel_order,
             "global_pool_conditions": self.global_pool_conditions,
-            "block_out_channels": list(self.block_out_channels),
-            "down_block_types": list(self.down_block_types),
-            "mid_block_type": "UNetMidBlock2DCrossAttn",
-            "layers_per_block": self.layers_per_block,
-            "attention_head_dim": list(self.heads),
-            "transformer_layers_per_block": list(self.transformer_layers),
-            "cross_attention_dim": self.cross_attention_dim,
-            "use_linear_projection": self.use_linear_projection,
-            "upcast_attention": self.upcast_attention,
-            "norm_num_groups": self.norm_num_groups,
-            "norm_eps": self.norm_eps,
-            "flip_sin_to_cos": self.flip_sin_to_cos,
-            "freq_shift": self.freq_shift,
-            "downsample_padding": self.downsample_padding,
-            "mid_block_scale_factor": self.mid_block_scale_factor,
-            "act_fn": "silu",
         }
+
+
+_UNET_ONLY_FIELDS = ("out_channels", "up_block_types", "center_input_sample", "sample_size")
 
 
 def _check_shapes(cfg: ControlNetConfig, head_field: str) -> None:
