@@ -204,8 +204,9 @@ class SdjaxWorker:
         out = {}
         fns = self._make_fns(attention="xla")
         for part, args in (("clip", (ids,)), ("unet", self.args["unet"]), ("vae", self.args["vae"])):
-            cost = fns[part].lower(self.params, *args).cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            lowered = fns[part].lower(self.params, *args)
+            # Some backends (jax 0.11 on GPU) have no cost analysis before compiling: ask the executable then.
+            cost = _first(lowered.cost_analysis()) or _first(lowered.compile().cost_analysis()) or {}
             out[part] = float(cost.get("flops", 0.0))
         calls = _unet_calls(a.scheduler or "pndm", a.steps)
         per_image = (out["clip"] + calls * out["unet"] + out["vae"]) / a.batch
@@ -216,6 +217,11 @@ class SdjaxWorker:
             return float(self.jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0.0))
         except Exception:  # CPU devices have no memory stats
             return None
+
+
+def _first(cost):
+    """A cost analysis as one dict (jax returns a dict, a one-element list of dicts, or None)."""
+    return cost[0] if isinstance(cost, (list, tuple)) and cost else (cost or None)
 
 
 def _unet_calls(scheduler: str, steps: int) -> int:
