@@ -3,6 +3,7 @@
     python scripts/bench.py                       # 512x512, 20 steps, batch 1, fp32, on whatever backend is here
     python scripts/bench.py --size 256 --steps 4 --repeats 2 --parts unet   # quick UNet-forward loop
     python scripts/bench.py --dtype bfloat16 --size 512 --steps 50 --batch 8 # accelerator run (see bench_gpu.sh)
+    python scripts/bench.py --controlnets 1 --parts txt2img                  # txt2img with a ControlNet
 
 Both frameworks get the same checkpoint (a random-initialised SD1.5-architecture one built with diffusers and
 cached on disk, `scripts/make_random_sd15.py`; `--model` takes a real diffusers folder instead), prompt, size,
@@ -22,6 +23,8 @@ Measured per framework:
               compile served from the persistent cache); warm_first_image: until its first image is ready
   peak_rss    VmHWM of the worker during steady txt2img calls (reset before each), during the first call, and
               of the whole worker process; on GPUs also the device's peak bytes
+With --controlnets N, txt2img runs with N ControlNets (a random SD1.5 ControlNet, `make_random_sd15.py
+--controlnet`, used N times, on one control image) against diffusers' StableDiffusionControlNetPipeline.
 Printed too: the model's FLOPs per image from XLA's cost analysis (CLIP + steps x UNet + VAE, attention counted
 as the plain form) and, on a GPU listed in PEAK_TFLOPS, the achieved fraction of the chip's dense peak.
 
@@ -48,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the checkout's sdjax, installed or not
 DEFAULT_MODEL = ROOT / "bench_cache" / "sd15-random"
+DEFAULT_CONTROLNET = ROOT / "bench_cache" / "sd15-random-controlnet"
 PROMPT = "a photo of an astronaut riding a horse on mars"
 PARTS = ("clip", "unet", "vae", "txt2img")
 MSG = "@@bench "  # prefix of protocol lines on a worker's stdout (libraries may print other lines)
@@ -118,6 +122,10 @@ class SdjaxWorker:
         devices = self.jax.devices()[: self.a.devices] if self.a.devices else None
         self.pipe = sdjax.load_pipeline(self.a.model, dtype=self.a.dtype, devices=devices,
                                         compilation_cache=self.a.cache_dir)
+        self.controls = None
+        if self.a.controlnets:
+            net = sdjax.load_controlnet(self.a.controlnet, dtype=self.a.dtype)
+            self.controls = [sdjax.Control(net, control_image(self.a.size))] * self.a.controlnets
         return {"backend": self.jax.default_backend(), "devices": [str(d) for d in self.pipe.mesh.devices.flat],
                 "device_kind": self.jax.devices()[0].device_kind}
 
@@ -168,7 +176,8 @@ class SdjaxWorker:
     def txt2img(self):
         a = self.a
         return self.pipe.txt2img([PROMPT] * a.batch, steps=a.steps, guidance_scale=7.5, height=a.size,
-                                 width=a.size, seeds=0, scheduler=a.scheduler, progress=False)
+                                 width=a.size, seeds=0, scheduler=a.scheduler, progress=False,
+                                 controls=self.controls)
 
     def run(self, part):
         """Times one call of `part` (results synchronised); the first call of a micro part also compiles it."""
@@ -224,6 +233,16 @@ def _first(cost):
     return cost[0] if isinstance(cost, (list, tuple)) and cost else (cost or None)
 
 
+def control_image(size: int):
+    """A fixed control image: white edges (a grid of circles) on black, size x size RGB."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    ring = np.abs(np.hypot((xx * 4) % 1 - 0.5, (yy * 4) % 1 - 0.5) - 0.3) < 0.02
+    return Image.fromarray(np.repeat((ring * 255).astype(np.uint8)[..., None], 3, axis=-1))
+
+
 def _unet_calls(scheduler: str, steps: int) -> int:
     # diffusers' PNDM with skip_prk_steps makes steps + 1 UNet calls (one extra at the start); the rest `steps`.
     return steps + 1 if scheduler == "pndm" else steps
@@ -242,8 +261,15 @@ class TorchWorker:
 
         torch, a = self.torch, self.a
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            a.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        extra: dict = {}
+        cls = diffusers.StableDiffusionPipeline
+        if a.controlnets:
+            net = diffusers.ControlNetModel.from_pretrained(a.controlnet, torch_dtype=dtype)
+            extra["controlnet"] = net if a.controlnets == 1 else [net] * a.controlnets
+            cls = diffusers.StableDiffusionControlNetPipeline
+            self.control = control_image(a.size) if a.controlnets == 1 else [control_image(a.size)] * a.controlnets
+        pipe = cls.from_pretrained(a.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                                   **extra)
         if a.scheduler:
             cls = getattr(diffusers, SCHEDULERS[a.scheduler])
             extra = {"use_karras_sigmas": True} if a.scheduler == "dpmpp_2m_karras" else {}
@@ -288,8 +314,9 @@ class TorchWorker:
     def txt2img(self):
         a = self.a
         g = self.torch.Generator(self.device).manual_seed(0)
+        extra = {"image": self.control} if a.controlnets else {}
         return self.pipe([PROMPT] * a.batch, num_inference_steps=a.steps, guidance_scale=7.5, height=a.size,
-                         width=a.size, generator=g).images
+                         width=a.size, generator=g, **extra).images
 
     def run(self, part):
         if part != "txt2img" and not hasattr(self, "args"):
@@ -438,6 +465,8 @@ def _worker_argv(a) -> list[str]:
         argv += ["--devices", str(a.devices)]
     if a.scheduler:
         argv += ["--scheduler", a.scheduler]
+    if a.controlnets:
+        argv += ["--controlnets", str(a.controlnets), "--controlnet", str(a.controlnet)]
     return argv
 
 
@@ -515,6 +544,9 @@ def main(argv=None) -> dict:
     p.add_argument("--devices", type=int, default=0, help="sdjax devices (0: all); on CPU, >1 simulates devices")
     p.add_argument("--cpu-devices", action="store_true", help="with --devices N on CPU: force N host devices")
     p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="default: the checkpoint's")
+    p.add_argument("--controlnets", type=int, default=0, help="txt2img with this many ControlNets (default 0)")
+    p.add_argument("--controlnet", type=Path, default=DEFAULT_CONTROLNET,
+                   help="the ControlNet folder (built if it is the default random one and missing)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each micro part (clip, unet, vae)")
     p.add_argument("--full-repeats", type=int, default=2, help="timed warm runs of the whole txt2img call")
     p.add_argument("--parts", default="clip,unet,vae,txt2img,warm",
@@ -537,6 +569,9 @@ def main(argv=None) -> dict:
     frameworks = [x for x in a.frameworks.split(",") if x]
     if a.model == DEFAULT_MODEL:
         ensure_checkpoint(a.model)
+    if a.controlnets and a.controlnet == DEFAULT_CONTROLNET and not (a.controlnet / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_sd15.py"), str(a.controlnet),
+                        "--controlnet"], check=True, cwd=ROOT)
     own_cache = a.cache_dir is None
     if own_cache:
         a.cache_dir = ROOT / "bench_cache" / f"xla-cache-{os.getpid()}"
@@ -578,7 +613,7 @@ def main(argv=None) -> dict:
                     times[fw].setdefault("txt2img", []).append(x.get("s"))
                     info[fw]["peak_rss"] = max(info[fw].get("peak_rss") or 0, x.get("peak_rss") or 0)
                 _log(f"txt2img repeat {r + 1}: " + "/".join(_fmt(times[fw]["txt2img"][-1]) for fw in frameworks))
-        if "sdjax" in workers:
+        if "sdjax" in workers and not a.controlnets:
             res["flops"] = workers["sdjax"].ask(op="flops")
     finally:
         for fw, w in workers.items():
@@ -645,7 +680,7 @@ def summarize(a, frameworks, times, info, flops) -> dict:
     for key in ("peak_rss", "first_call_peak_rss", "process_peak_rss", "device_peak_bytes"):
         if any(info[fw].get(key) for fw in frameworks):
             add(key.replace("_bytes", "") + "_gib", "GiB", {fw: _div(info[fw].get(key), gib) for fw in frameworks})
-    if flops and flops.get("flops_per_image"):
+    if flops and flops.get("flops_per_image") and not a.controlnets:  # FLOPs counted without ControlNets
         rows["tflops_per_image"] = {"unit": "TFLOP", "sdjax": flops["flops_per_image"] / 1e12}
         for fw in frameworks:
             t = _median(times[fw].get("txt2img", []))
@@ -673,7 +708,8 @@ def format_table(res) -> str:
     a = res["args"]
     m = res["machine"]
     head = (f"sdjax vs torch (diffusers {m.get('diffusers')}): {a['size']}x{a['size']}, {a['steps']} steps, "
-            f"batch {a['batch']}, {a['dtype']}, scheduler {a['scheduler'] or 'checkpoint default (pndm)'}")
+            f"batch {a['batch']}, {a['dtype']}, scheduler {a['scheduler'] or 'checkpoint default (pndm)'}"
+            + (f", {a['controlnets']} ControlNet(s)" if a.get("controlnets") else ""))
     lines = [head, "| metric | sdjax | torch | sdjax/torch |", "|---|---:|---:|---:|"]
     for name, row in res["summary"].items():
         def f(v):

@@ -1,7 +1,7 @@
 """Builds a random-initialised SD1.5-architecture checkpoint in diffusers layout with torch diffusers.
 
 Real weights can't be downloaded everywhere sdjax is developed; the architecture (and so the speed and memory)
-is the same. Usage: python scripts/make_random_sd15.py OUT_DIR [--seed 0]
+is the same. Usage: python scripts/make_random_sd15.py OUT_DIR [--seed 0] [--controlnet]
 """
 
 from __future__ import annotations
@@ -38,9 +38,24 @@ def build(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_controlnet(out: Path, seed: int = 0) -> Path:
+    """A random SD1.5 ControlNet (diffusers ControlNetModel, the shapes of lllyasviel's control_v11 models)."""
+    from sdjax.controlnet import ControlNetConfig
+    from tests import reference as ref
+    from tests.test_controlnet import torch_controlnet
+
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    ref.save(torch_controlnet(ControlNetConfig.sd15(), seed=seed + 4), tmp)
+    tmp.rename(out)
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--controlnet", action="store_true", help="build a random SD1.5 ControlNet at OUT instead")
     args = parser.parse_args()
-    print(build(args.out, args.seed))
+    print(build_controlnet(args.out, args.seed) if args.controlnet else build(args.out, args.seed))

@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_component": ("sdjax.checkpoint", "load"),
     "save_component": ("sdjax.checkpoint", "save"),
     "CLIPConfig": ("sdjax.clip", "CLIPConfig"),
+    "Control": ("sdjax.controls", "Control"),
     "ControlNet": ("sdjax.controlnet", "ControlNet"),
     "ControlNetConfig": ("sdjax.controlnet", "ControlNetConfig"),
     "load_controlnet": ("sdjax.controlnet", "load_controlnet"),
@@ -39,7 +40,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "CLIPConfig", "ClipTokenizer", "ControlNet", "ControlNetConfig", "Generation", "Pipeline", "SCHEDULER_NAMES",
+    "CLIPConfig", "ClipTokenizer", "Control", "ControlNet", "ControlNetConfig", "Generation", "Pipeline", "SCHEDULER_NAMES",
     "TextEncoder", "UNet", "UNetConfig", "VAE", "VAEConfig", "compile_check", "enable_compilation_cache",
     "load_component", "load_controlnet", "load_pipeline", "load_tokenizer", "resolve_model", "save_component",
 ]
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from sdjax.checkpoint import save as save_component
     from sdjax.clip import CLIPConfig, TextEncoder
     from sdjax.controlnet import ControlNet, ControlNetConfig, load_controlnet
+    from sdjax.controls import Control
     from sdjax.io import resolve_model
     from sdjax.pipeline import Generation, Pipeline, load_pipeline
     from sdjax.process import enable_compilation_cache

@@ -7,6 +7,7 @@ bad argument). Exit status: 0 success, 2 bad arguments, 1 model loading or writi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import pathlib
@@ -16,12 +17,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from sdjax import controls as control_lib
 from sdjax import convert, images, pipeline, pngmeta, process
 from sdjax.layers import IMPLEMENTATIONS
 from sdjax.pipeline import DEFAULT_MODEL, MAX_BATCH, MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_SEED, MAX_SIZE, MAX_STEPS
 from sdjax.schedulers import SCHEDULER_NAMES
 
 DEFAULT_OUT = "outputs"
+DEFAULT_SIZE = 512  # generate's height and width without --height/--width or a control image
 _NUMBERED = re.compile(r"^(\d+)-")
 
 
@@ -155,10 +158,12 @@ def add_prompt_options(p: argparse.ArgumentParser) -> None:
                         ".safetensors, as A1111); repeatable")
 
 
-def add_size_options(p: argparse.ArgumentParser, default: int | None = 512) -> None:
-    """--height/--width; tasks that start from an image default to its size (default=None)."""
+def add_size_options(p: argparse.ArgumentParser, default: int | None = 512, what: str | None = None) -> None:
+    """--height/--width; tasks that start from an image default to its size (default=None); `what` words a
+    default decided later (generate's: 512, or the control image's size)."""
     g = p.add_argument_group("size")
-    what = f"default: {default}" if default else "default: the input image's, rounded down to a multiple of 8"
+    if what is None:
+        what = f"default: {default}" if default else "default: the input image's, rounded down to a multiple of 8"
     g.add_argument("--height", default=default, type=_size,
                    help=f"image height in pixels, multiple of 8, at most {MAX_SIZE} ({what})")
     g.add_argument("--width", default=default, type=_size,
@@ -179,6 +184,113 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
 
 
+CANNY_DEFAULTS = (100, 200)  # --control-preprocess canny's thresholds (lllyasviel's annotator's and A1111's)
+CANNY_MAX = 255 * 4  # cv2.Canny's gradient magnitude bound (L1 norm of two 8-bit Sobel derivatives), as controls.canny
+
+
+@dataclasses.dataclass
+class ControlSpec:
+    """One --controlnet group: the MODEL and the --control-* flags given after it (before the next --controlnet).
+    `prepared` is the control image after --control-preprocess (set by `check_controls`)."""
+
+    model: str
+    image: str | None = None
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: tuple[str, int, int] = ("none", *CANNY_DEFAULTS)
+    given: set[str] = dataclasses.field(default_factory=set)  # the group's --control-* flags (fields) seen
+    prepared: Any = None
+
+    def preprocessor(self) -> dict[str, Any]:
+        """The preprocessor in the PNG parameters, as the sd-webui-controlnet extension records it."""
+        name, low, high = self.preprocess
+        return {"Module": name, "Threshold A": low, "Threshold B": high} if name == "canny" else {"Module": name}
+
+
+class _ControlNetAction(argparse.Action):
+    """--controlnet MODEL: starts a new ControlNet group (`ControlSpec`) in `args.controlnets`; the --control-*
+    flags that follow apply to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        # a new list each time: argparse shares the default list between parses
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), ControlSpec(values)])
+
+
+class _ControlOptionAction(argparse.Action):
+    """A --control-* flag: sets its field (the dest without "control_") of the latest --controlnet group. Given
+    before any --controlnet, or twice in one group, it is a usage error naming the flag (exit 2). Its dest is
+    never set on the namespace (default=SUPPRESS): the value lives in the group."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        groups = getattr(namespace, "controlnets", None)
+        if not groups:
+            raise argparse.ArgumentError(self, "must follow the --controlnet MODEL it belongs to (each --controlnet "
+                                               "starts a group: --controlnet MODEL --control-image FILE "
+                                               "[--control-scale S ...])")
+        group = groups[-1]
+        field = self.dest.removeprefix("control_")
+        if field in group.given:
+            raise argparse.ArgumentError(self, f"given twice for --controlnet {group.model!r}; each --controlnet "
+                                               "takes one (start another group with --controlnet for another "
+                                               "ControlNet)")
+        group.given.add(field)
+        setattr(group, field, values)
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1] (a fraction of the denoising steps)."""
+    value = _finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the steps in [0, 1], got {text}")
+    return value
+
+
+def _preprocessor(text: str) -> tuple[str, int, int]:
+    """An argparse type: "none", "canny" or "canny:LOW:HIGH" -> (name, low, high)."""
+    name, *thresholds = text.split(":")
+    allowed = f"one of {', '.join(control_lib.PREPROCESSORS)} or canny:LOW:HIGH"
+    if name not in control_lib.PREPROCESSORS:
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+    if not thresholds:
+        return name, *CANNY_DEFAULTS
+    if name != "canny" or len(thresholds) != 2:
+        raise argparse.ArgumentTypeError(f"must be {allowed} (thresholds are canny's only), got {text!r}")
+    try:
+        low, high = (int(t) for t in thresholds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"canny's LOW and HIGH must be integers, got {text!r}") from None
+    if not 0 <= low <= high <= CANNY_MAX:
+        raise argparse.ArgumentTypeError(f"canny's thresholds must be integers with 0 <= LOW <= HIGH <= {CANNY_MAX}, "
+                                         f"got {text!r}")
+    return name, low, high
+
+
+def add_controlnet_options(p: argparse.ArgumentParser) -> None:
+    """--controlnet MODEL (repeatable) and the --control-* flags of its group; --guess-mode."""
+    g = p.add_argument_group("controlnet", "Each --controlnet starts a group; the --control-* flags after it, up "
+                                           "to the next --controlnet, apply to it. Several ControlNets add up.")
+    g.add_argument("--controlnet", action=_ControlNetAction, default=[], dest="controlnets", metavar="MODEL",
+                   help="a ControlNet: local diffusers folder or hub id (e.g. lllyasviel/control_v11p_sd15_canny); "
+                        f"repeatable, at most {control_lib.MAX_CONTROLS}")
+    g.add_argument("--control-image", action=_ControlOptionAction, default=argparse.SUPPRESS, metavar="FILE",
+                   help="the group's control image (edges, depth, pose...); required, one per --controlnet")
+    g.add_argument("--control-scale", action=_ControlOptionAction, default=argparse.SUPPRESS, type=_finite_float,
+                   metavar="S", help="weight of the ControlNet's residuals (default: 1.0)")
+    g.add_argument("--control-start", action=_ControlOptionAction, default=argparse.SUPPRESS, type=_fraction,
+                   metavar="F", help="fraction of the steps where the ControlNet starts acting (default: 0)")
+    g.add_argument("--control-end", action=_ControlOptionAction, default=argparse.SUPPRESS, type=_fraction,
+                   metavar="F", help="fraction of the steps where it stops, > --control-start (default: 1)")
+    g.add_argument("--control-preprocess", action=_ControlOptionAction, default=argparse.SUPPRESS,
+                   type=_preprocessor, metavar="{none,canny[:LOW:HIGH]}",
+                   help="make the control image from --control-image: none (use it as it is) or canny edges, "
+                        f"canny:LOW:HIGH for other thresholds (default: none; canny: {CANNY_DEFAULTS[0]}:"
+                        f"{CANNY_DEFAULTS[1]})")
+    g.add_argument("--guess-mode", action="store_true",
+                   help="diffusers' ControlNet guess mode: the ControlNets act on the prompt's half of CFG only, "
+                        "steering by the control image even without a prompt (needs --controlnet)")
+
+
 def add_generate(sub: argparse._SubParsersAction) -> None:
     """`sdjax generate`: text to image."""
     p = sub.add_parser("generate", help="text to image", description="Text to image; writes PNGs with A1111-style "
@@ -189,7 +301,10 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                    help="reproduce IMAGE from its A1111-style 'parameters' chunk (prompt, negative prompt, steps, "
                         "sampler, CFG scale, seed, size); PROMPT and flags given here override its values")
     add_sampling_options(p)
-    add_size_options(p)
+    # None: 512, or with --controlnet the first control image's size (resolved in run_generate, as txt2img does)
+    add_size_options(p, None, f"default: {DEFAULT_SIZE}, or with --controlnet the first --control-image's size "
+                              "rounded down to a multiple of 8")
+    add_controlnet_options(p)
     add_model_options(p)
     add_output_options(p)
     _record_given(p)
@@ -227,6 +342,7 @@ def add_inpaint(sub: argparse._SubParsersAction) -> None:
 def _add_common(p: argparse.ArgumentParser, size_default: int | None) -> None:
     add_sampling_options(p)
     add_size_options(p, size_default)
+    add_controlnet_options(p)
     add_model_options(p)
     add_output_options(p)
 
@@ -610,6 +726,131 @@ def check_loras(specs: Sequence[str]) -> list[tuple[str, float]]:
     return out
 
 
+def check_controls(args: argparse.Namespace) -> list[ControlSpec]:
+    """The --controlnet groups, checked as a whole (what argparse cannot see group by group): each has one
+    --control-image, start < end, at most MAX_CONTROLS groups, --guess-mode only with a ControlNet; every control
+    image is opened and preprocessed here, so a bad file fails before anything loads (UsageError, exit 2, naming
+    the flag and value). Returns the groups with `prepared` set."""
+    specs: list[ControlSpec] = list(getattr(args, "controlnets", None) or [])
+    if getattr(args, "guess_mode", False) and not specs:
+        raise UsageError("--guess-mode: needs at least one --controlnet MODEL --control-image FILE (it changes how "
+                         "ControlNets steer)")
+    if len(specs) > control_lib.MAX_CONTROLS:
+        raise UsageError(f"--controlnet: at most {control_lib.MAX_CONTROLS} ControlNets per run, got {len(specs)}")
+    for spec in specs:
+        if spec.image is None:
+            raise UsageError(f"--controlnet {spec.model!r} has no --control-image: give --control-image FILE after it "
+                             "(one per --controlnet)")
+        if not spec.start < spec.end:
+            raise UsageError(f"--control-start {spec.start:g} / --control-end {spec.end:g} of --controlnet "
+                             f"{spec.model!r}: need 0 <= start < end <= 1 (the steps where it acts)")
+    for spec in specs:
+        image = _open_image(cast(str, spec.image), "--control-image")
+        if min(image.size) < 8:
+            raise UsageError(f"--control-image {spec.image!r} is {image.width}x{image.height} pixels; control images "
+                             "must be at least 8x8")
+        name, low, high = spec.preprocess
+        try:
+            spec.prepared = control_lib.preprocess(name, image.convert("RGB"), low, high)
+        except ImportError as err:  # canny without OpenCV
+            raise UsageError(f"--control-preprocess {name}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--control-preprocess {name} of --control-image {spec.image!r}: {err}") from None
+    return specs
+
+
+def _model_unet_config(model: str) -> Any | None:
+    """--model's UNet config when it can be read without loading weights or downloading: a local diffusers
+    folder's unet/config.json, or what `load_pipeline` detects from a single file's header. None otherwise
+    (a hub id, or a --model that `load` will report as broken): ControlNets are then checked against the UNet
+    once the pipeline has loaded."""
+    from sdjax import checkpoint, io, single_file
+
+    path = pathlib.Path(model).expanduser()
+    try:
+        if path.is_dir():
+            return checkpoint.read_config(path / "unet", "unet")
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            return single_file.preset_configs(single_file.detect(io.LazyTensors(path), path)).unet
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def check_controlnets(specs: Sequence[ControlSpec], unet: Any | None) -> list[Any | None]:
+    """The configs of the --controlnet values that are local (a folder, or a safetensors file in one; no weights
+    read), checked against `unet` (the model's UNet config) when it is known: LoadError (exit 1, as for --model)
+    for a missing or unreadable ControlNet, UsageError (exit 2, as a --lora that does not fit) for one made for
+    another base model. None for a hub id: it is fetched and checked when it loads (as --model)."""
+    from sdjax import controlnet, io
+
+    configs: list[Any | None] = []
+    for spec in specs:
+        path = pathlib.Path(spec.model).expanduser()
+        if not path.exists():
+            if not io.looks_like_hub_id(spec.model):
+                raise LoadError(f"--controlnet {spec.model!r} does not exist, and it is not a Hugging Face hub id like "
+                                "'owner/name' (e.g. 'lllyasviel/control_v11p_sd15_canny')")
+            configs.append(None)
+            continue
+        if path.is_file() and path.suffix != ".safetensors":
+            raise LoadError(f"--controlnet {spec.model!r}: a ControlNet is a diffusers folder (config.json + "
+                            "diffusion_pytorch_model.safetensors) or a .safetensors file in one; sdjax never "
+                            "unpickles files")
+        try:
+            config = controlnet.read_config(path.parent if path.is_file() else path)
+        except (OSError, ValueError) as err:
+            raise LoadError(f"could not load --controlnet {spec.model!r}: {err}") from None
+        if unet is not None:
+            _check_fits(spec, config, unet)
+        configs.append(config)
+    return configs
+
+
+def _check_fits(spec: ControlSpec, config: Any, unet: Any) -> None:
+    from sdjax import controlnet
+
+    try:
+        controlnet.check_compatible(config, unet, source=f"--controlnet {spec.model!r}")
+    except ValueError as err:
+        raise UsageError(_one_line(str(err))) from None
+
+
+def load_controlnets(args: argparse.Namespace, specs: Sequence[ControlSpec], configs: Sequence[Any | None],
+                     unet: Any) -> list[Any]:
+    """The --controlnet models for the loaded pipeline's `unet` config: the local ones are checked against it
+    first (no ControlNet weights read before all fit), then each loads in --dtype (a hub id is fetched here;
+    one for another base model is refused by `load_controlnet` before its weights are read)."""
+    from sdjax import controlnet
+
+    for spec, config in zip(specs, configs, strict=True):
+        if config is not None:
+            _check_fits(spec, config, unet)
+    nets = []
+    for spec in specs:
+        try:
+            nets.append(controlnet.load_controlnet(spec.model, dtype=args.dtype, unet=unet))
+        except (OSError, ValueError) as err:
+            raise LoadError(f"could not load --controlnet {spec.model!r}: {err}") from err
+    return nets
+
+
+_CONTROL_FIELD = re.compile(r"controls\[(\d+)\](?:\.(\w+)(?:\[\d+\])?)?")
+_CONTROL_FLAGS = {"images": "--control-image", "scale": "--control-scale", "start": "--control-start",
+                  "end": "--control-end"}
+
+
+def _control_words(message: str, specs: Sequence[ControlSpec]) -> str:
+    """The API's names of a control in the CLI's words: "controls[0].scale ..." -> "--control-scale of
+    --controlnet 'NAME' ..." (the checks that need the loaded models)."""
+    def words(m: re.Match) -> str:
+        i, field = int(m.group(1)), m.group(2)
+        group = f"--controlnet {specs[i].model!r}" if i < len(specs) else "--controlnet"
+        flag = _CONTROL_FLAGS.get(field or "")
+        return f"{flag} of {group}" if flag else group
+    return _CONTROL_FIELD.sub(words, message)
+
+
 def load(args: argparse.Namespace, loras: Sequence[tuple[str, float]] = ()) -> Any:
     """Loads the pipeline with the --lora files merged; raises LoadError with the loader's message on failure,
     UsageError for a LoRA that does not fit the model (found from the configs, before the weights load)."""
@@ -720,10 +961,34 @@ def apply_png_parameters(args: argparse.Namespace) -> None:
                 notes.append(f"it was made with LoRA(s) {value}; pass --lora FILE[:SCALE] to use them")
         elif key == "Denoising strength":
             notes.append(f"Denoising strength: {value} belongs to img2img/inpaint; text to image ignores it")
+        elif pngmeta.CONTROLNET_KEY.fullmatch(key) or key == pngmeta.GUESS_MODE_KEY:
+            pass  # one note for all of them, below
         elif key not in _PNG_INFO_KEYS:
             notes.append(f"{key}: {value!r} is not read by sdjax; ignored")
+    controlnet_note = _png_controlnet_note(params, bool(getattr(args, "controlnets", None)))
+    if controlnet_note:
+        notes.append(controlnet_note)
     for note in notes:
         print(f"sdjax generate: warning: {where}: {note}", file=sys.stderr)
+
+
+def _png_controlnet_note(params: dict[str, str], flags_given: bool) -> str | None:
+    """The one --from-png note for a PNG made with ControlNets (None without): they are not restored, since a
+    PNG does not hold its control images; this run uses the --controlnet flags, or none."""
+    settings = pngmeta.generation_settings({k: v for k, v in params.items()
+                                            if pngmeta.CONTROLNET_KEY.fullmatch(k) or k == pngmeta.GUESS_MODE_KEY})
+    units = settings.get("controls", [])
+    if not units and not settings.get("guess_mode"):
+        return None
+    made = ", ".join(f"{u['model'] or '?'} ({u['module']}" + (f", weight {u['scale']:g}" if "scale" in u else "")
+                     + ")" for u in units) or "none listed"
+    guess = " in guess mode" if settings.get("guess_mode") else ""
+    if flags_given:
+        return (f"it was made with ControlNet(s) {made}{guess}; their settings are not restored, this run uses the "
+                "--controlnet flags given")
+    return (f"it was made with ControlNet(s) {made}{guess}; ControlNet settings are not restored (a PNG does not "
+            "hold the control images): give --controlnet MODEL --control-image FILE (and --control-scale, "
+            "--control-start, --control-end, --control-preprocess, --guess-mode) to use them")
 
 
 def _png_value(parse: Callable[[str], Any], value: str, where: str, key: str) -> Any:
@@ -746,18 +1011,28 @@ def run_generate(args: argparse.Namespace) -> int:
         apply_png_parameters(args)
     if args.prompt is None:
         raise UsageError("PROMPT is required (or --from-png IMAGE to take it from a PNG)")
-    request = validate_generation(args, args.prompt, args.height, args.width)
+    specs = check_controls(args)
+    height, width = args.height, args.width
+    if specs and (height is None or width is None):  # the first control image's size, as txt2img's
+        try:
+            height, width = images.output_size(images.image_arrays([specs[0].prepared])[0], height, width, 8,
+                                               None if args.no_limits else MAX_SIZE)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--control-image {specs[0].image!r}: " + _cli_words(str(err))) from None
+    request = validate_generation(args, args.prompt, DEFAULT_SIZE if height is None else height,
+                                  DEFAULT_SIZE if width is None else width)
 
     def call(pipe, part, kw):
         return pipe.txt2img(request.prompts[part], request.negative_prompts[part], height=request.height,
                             width=request.width, **kw)
 
-    return _generate(args, request, call)
+    return _generate(args, request, call, controls=specs)
 
 
 def run_img2img(args: argparse.Namespace) -> int:
     """`sdjax img2img`: as generate, starting from --image."""
     image = _open_image(args.image, "--image")
+    specs = check_controls(args)
     request, height, width = _validate_with_image(args, image)
 
     def call(pipe, part, kw):
@@ -765,13 +1040,14 @@ def run_img2img(args: argparse.Namespace) -> int:
         return pipe.img2img([image] * n, request.prompts[part], args.strength, request.negative_prompts[part],
                             height=height, width=width, **kw)
 
-    return _generate(args, request, call, {"Denoising strength": args.strength})
+    return _generate(args, request, call, {"Denoising strength": args.strength}, controls=specs)
 
 
 def run_inpaint(args: argparse.Namespace) -> int:
     """`sdjax inpaint`: as generate, repainting the white part of --mask on --image."""
     image = _open_image(args.image, "--image")
     mask = _open_image(args.mask, "--mask")
+    specs = check_controls(args)
     request, height, width = _validate_with_image(args, image)
     try:
         images.mask_arrays([mask], [image])
@@ -784,7 +1060,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
                             request.negative_prompts[part], height=height, width=width,
                             paste_back=args.paste_back, **kw)
 
-    return _generate(args, request, call, {"Denoising strength": args.strength})
+    return _generate(args, request, call, {"Denoising strength": args.strength}, controls=specs)
 
 
 def _open_image(path: str, flag: str):
@@ -810,14 +1086,18 @@ def _validate_with_image(args: argparse.Namespace, image) -> tuple[Any, int, int
     return validate_generation(args, args.prompt, height, width), height, width
 
 
-def _generate(args: argparse.Namespace, request: Any, call: Callable, extra: dict | None = None) -> int:
-    """Loads the model, runs `call(pipe, batch_slice, common_kwargs)` per batch, writes numbered PNGs."""
+def _generate(args: argparse.Namespace, request: Any, call: Callable, extra: dict | None = None,
+              controls: Sequence[ControlSpec] = ()) -> int:
+    """Loads the model (and the ControlNets of `controls`, from `check_controls`), runs `call(pipe, batch_slice,
+    common_kwargs)` per batch, writes numbered PNGs."""
     out = check_out_dir(args.out)
     check_cache_dir(args.cache_dir)
     loras = check_loras(args.lora)  # read before the model loads
     embedding_specs = check_embeddings(getattr(args, "embedding", []))
     try:
+        control_configs = check_controlnets(controls, _model_unet_config(args.model))
         pipe = load(args, loras)
+        nets = load_controlnets(args, controls, control_configs, pipe.models.unet.config)
     except LoadError as err:
         return fail(str(err))
     load_embeddings(pipe, embedding_specs)  # the triggers appear in the prompts (A1111 records them so)
@@ -832,12 +1112,18 @@ def _generate(args: argparse.Namespace, request: Any, call: Callable, extra: dic
         kw = dict(steps=args.steps, guidance_scale=args.guidance_scale, seeds=request.seeds[part],
                   scheduler=args.scheduler, progress=_progress(args), allow_large=args.no_limits,
                   **_prompt_kwargs(args))
+        if controls:  # one control image per image of the call
+            n = len(request.seeds[part])
+            kw.update(controls=[control_lib.Control(net, [spec.prepared] * n, spec.scale, spec.start, spec.end)
+                                for net, spec in zip(nets, controls, strict=True)],
+                      guess_mode=args.guess_mode)
         try:
             gen = call(pipe, part, kw)
         except ValueError as err:  # a check that needs the model (e.g. its own size multiple)
-            raise UsageError(_name_flag(str(err))) from None
+            raise UsageError(_name_flag(_control_words(str(err), controls))) from None
         try:
-            paths = save_generation(gen, out, model_label(args.model), extra)
+            paths = save_generation(gen, out, model_label(args.model), extra,
+                                    [spec.preprocessor() for spec in controls] if controls else None)
         except OSError as err:
             return fail(f"could not write to --out {args.out!r}: {err}" + (f"; {_wrote(written)}" if written else ""))
         written += paths
@@ -865,13 +1151,16 @@ def model_label(model: str) -> str:
     return path.resolve().name if path.exists() else model
 
 
-def save_generation(gen: Any, out: pathlib.Path, model_name: str, extra: dict | None = None) -> list[pathlib.Path]:
-    """Writes every image of a Generation as ``<number>-<seed>.png`` in `out`, never replacing a file."""
+def save_generation(gen: Any, out: pathlib.Path, model_name: str, extra: dict | None = None,
+                    preprocessors: Sequence[dict[str, Any]] | None = None) -> list[pathlib.Path]:
+    """Writes every image of a Generation as ``<number>-<seed>.png`` in `out`, never replacing a file;
+    preprocessors: how each ControlNet's control image was made (`pngmeta.infotext`)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(gen.images):
         flagged = {SAFETY_KEY: "flagged"} if getattr(gen, "nsfw", None) and gen.nsfw[i] else {}
-        text = pngmeta.infotext(gen, i, model=model_name, extra={**(extra or {}), **flagged} or None)
+        text = pngmeta.infotext(gen, i, model=model_name, extra={**(extra or {}), **flagged} or None,
+                                preprocessors=preprocessors)
         paths.append(write_numbered(out, gen.seeds[i], image, text))
     return paths
 

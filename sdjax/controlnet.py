@@ -415,7 +415,8 @@ class ControlNetModel:
     config: ControlNetConfig
     params: Any
     dtype: Any = jnp.float32
-    source: str = ""
+    source: str = ""  # where the weights were read (a folder or file)
+    name: str = ""  # what the user named (hub id or path), for the results' settings and PNG parameters
 
     @property
     def module(self) -> ControlNet:
@@ -447,4 +448,8 @@ def load_controlnet(path_or_hub_id: str | os.PathLike, *, dtype: Any = "float32"
         if variant is not None and not any(path.glob(f"{STEM}.{variant}*.safetensors")):
             path = io._snapshot(text, _hub_patterns(None))  # no such variant: the default weights
     config, params = load(path, dtype=dtype, variant=variant, unet=unet)
-    return ControlNetModel(config, params, convert.parse_dtype(dtype), str(path))
+    name = os.fspath(path_or_hub_id)
+    if Path(name).expanduser().exists():  # a local folder or file: its name, as A1111 shows models
+        local = Path(name).expanduser().resolve()
+        name = local.parent.name if local.is_file() else local.name
+    return ControlNetModel(config, params, convert.parse_dtype(dtype), str(path), name)

@@ -19,9 +19,11 @@ import numpy as np
 from PIL import Image
 
 from sdjax import checkpoint, convert, io, parallel, process, safety, sampling, schedulers
+from sdjax import controls as control_lib
 from sdjax import images as sdimages
 from sdjax import prompts as prompt_lib
 from sdjax.clip import TextEncoder
+from sdjax.controlnet import ControlNet
 from sdjax.layers import IMPLEMENTATIONS
 from sdjax.tokenizer import ClipTokenizer, load_tokenizer
 from sdjax.unet import UNet
@@ -107,6 +109,9 @@ class Pipeline:
         self.dtype = models.unet.dtype
         self._progress = _Progress()
         self._compiled: dict = {}
+        # ControlNet params as the jobs take them (this pipeline's dtype, replicated), by id of the ControlNetModel
+        # (kept in the value, so an id is never reused while cached).
+        self._control_params: dict[int, tuple[Any, Any]] = {}
         # A `safety.Checker` run on every result (flagged images turn black), or None; set it to None to turn
         # the checker off.
         self.safety_checker = safety_checker
@@ -137,11 +142,30 @@ class Pipeline:
         view._compiled = {}  # other modules: their own jitted functions
         return view
 
-    def _jitted(self, job: str):
-        """One jitted function per job; jax caches its compilations per shape and static argument."""
-        if job not in self._compiled:
-            self._compiled[job] = jit_job(self.models, self.mesh, job)
-        return self._compiled[job]
+    def _jitted(self, job: str, controls: control_lib.Prepared | None = None):
+        """One jitted function per job (and set of ControlNet architectures); jax caches its compilations per
+        shape and static argument."""
+        key: Any = job
+        models = self.models
+        if controls is not None:
+            configs = tuple(net.config for net in controls.nets)
+            key = (job, configs)
+            models = models.with_controlnets(tuple(ControlNet(c) for c in configs))
+        if key not in self._compiled:
+            self._compiled[key] = jit_job(models, self.mesh, job)
+        return self._compiled[key]
+
+    def _controlnet_params(self, controls: control_lib.Prepared) -> tuple:
+        """The ControlNets' params in this pipeline's dtype, replicated on the mesh (placed once per model)."""
+        out = []
+        for net in controls.nets:
+            cached = self._control_params.get(id(net))
+            if cached is None or cached[0] is not net:
+                cast = jax.tree.map(lambda a: a.astype(self.dtype), net.params)
+                cached = (net, parallel.put_replicated(cast, self.mesh))
+                self._control_params[id(net)] = cached
+            out.append(cached[1])
+        return tuple(out)
 
     vae_name: str | None = None  # the swapped-in VAE's file or folder name (`set_vae`), as A1111's "VAE:"
 
@@ -215,10 +239,11 @@ class Pipeline:
         return schedulers.create(name or self.default_scheduler, self.scheduler_config, steps)
 
     def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
-                steps: int = 50, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
-                seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
+                steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+                width: int | None = None, seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
                 latents: np.ndarray | None = None, progress: bool | None = None,
-                allow_large: bool = False, clip_skip: int = 1, prompt_syntax: str = "plain") -> Generation:
+                allow_large: bool = False, clip_skip: int = 1, prompt_syntax: str = "plain",
+                controls: Sequence[control_lib.Control] | None = None, guess_mode: bool = False) -> Generation:
         """Text to image. One image per prompt; `seeds` is one int per image (an int s in [0, MAX_SEED] gives
         s, s+1, ... mod 2**32; None draws random seeds, returned in the result). `latents` [B, h/8, w/8, 4]
         replaces the seeded starting noise (unscaled standard normal, like the reference's `latents=`).
@@ -227,32 +252,44 @@ class Pipeline:
         clip_skip: A1111's "Clip skip" (1: CLIP's last layer, 2: the penultimate; diffusers' clip_skip + 1).
         prompt_syntax: "plain" (the text as it is, the reference's ids) or "a1111" (``(word:1.3)``, ``[word]``,
         BREAK, ...; `sdjax.prompts`). Either way prompts longer than 75 tokens are encoded in 75-token chunks.
+        controls: ControlNets steering the layout (`sdjax.Control(controlnet, images, scale, start, end)`, several
+        at once add up), as diffusers' StableDiffusionControlNetPipeline; guess_mode: its guess mode (the
+        ControlNets see only the conditional half of CFG, residuals ramped from 0.1 to 1 down the skips).
+        height, width: 512 unless given; with controls, the first control image's size (multiples of 8).
         Returns a `Generation`: PIL images, pixels [B, H, W, 3] float32 in [0, 1], latents [B, H/8, W/8, 4]
         float32 (the denoised latents in the UNet's space, before `to_vae_latents`), and the prompts, seeds and
         settings used."""
         _check_bools(progress=progress, allow_large=allow_large)
-        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
+        height, width = control_lib.output_size(controls, height, width, self.models.vae_scale,
+                                                None if allow_large else MAX_SIZE)
+        req = self._validate(prompts, negative_prompts, seeds, steps, guidance_scale,
+                             512 if height is None else height, 512 if width is None else width, scheduler,
                              latents=latents, allow_large=allow_large, clip_skip=clip_skip,
                              prompt_syntax=prompt_syntax)
-        return self._generate("txt2img", req, self._batch(req), progress, height=req.height, width=req.width)
+        prepared = self._controls(controls, guess_mode, req)
+        return self._generate("txt2img", req, self._batch(req), progress, prepared, height=req.height,
+                              width=req.width)
 
     def img2img(self, images, prompts: str | Sequence[str], strength: float = 0.8,
                 negative_prompts: str | Sequence[str] | None = None, *, steps: int = 50,
                 guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                 seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
                 latents: np.ndarray | None = None, progress: bool | None = None,
-                allow_large: bool = False, clip_skip: int = 1, prompt_syntax: str = "plain") -> Generation:
+                allow_large: bool = False, clip_skip: int = 1, prompt_syntax: str = "plain",
+                controls: Sequence[control_lib.Control] | None = None, guess_mode: bool = False) -> Generation:
         """Image to image, as diffusers' img2img: the last int(steps * strength) steps run from the image's
         latents noised to that level. strength 0 returns the input unchanged; 1 starts from (almost) pure noise.
         images: PIL images or arrays [H, W, 3] (one per prompt); sizes follow `sdjax.images`' rules.
         latents: optional [B, h/8, w/8, 4] standard-normal noise replacing the seeded draw.
-        clip_skip, prompt_syntax: as `txt2img`'s."""
+        clip_skip, prompt_syntax, controls, guess_mode: as `txt2img`'s (as diffusers'
+        StableDiffusionControlNetImg2ImgPipeline with controls: start/end count the steps that run)."""
         _check_bools(progress=progress, allow_large=allow_large)
         arrays, req = self._validate_images(images, prompts, negative_prompts, seeds, steps, guidance_scale, height,
                                             width, scheduler, strength, latents, allow_large, clip_skip,
                                             prompt_syntax)
+        prepared = self._controls(controls, guess_mode, req)
         pixels = sdimages.fit_images(arrays, req.height, req.width)
-        return self._generate("img2img", req, {**self._batch(req), "pixels": pixels}, progress)
+        return self._generate("img2img", req, {**self._batch(req), "pixels": pixels}, progress, prepared)
 
     def inpaint(self, images, masks, prompts: str | Sequence[str], strength: float = 1.0,
                 negative_prompts: str | Sequence[str] | None = None, *, steps: int = 50,
@@ -260,11 +297,13 @@ class Pipeline:
                 seeds: int | Sequence[int] | None = None, scheduler: str | None = None,
                 latents: np.ndarray | None = None, paste_back: bool = False, blend: bool | None = None,
                 progress: bool | None = None, allow_large: bool = False, clip_skip: int = 1,
-                prompt_syntax: str = "plain") -> Generation:
+                prompt_syntax: str = "plain", controls: Sequence[control_lib.Control] | None = None,
+                guess_mode: bool = False) -> Generation:
         """Repaints the white (1) part of each mask. A 9-channel inpainting UNet is used as such (blend=False,
         the default for it); a 4-channel UNet inpaints by mask blending (see `sampling.inpaint`). paste_back
         copies the original pixels back outside the mask. masks: single-channel, each of its image's size.
-        clip_skip, prompt_syntax: as `txt2img`'s."""
+        clip_skip, prompt_syntax, controls, guess_mode: as `txt2img`'s (diffusers'
+        StableDiffusionControlNetInpaintPipeline with controls; the ControlNets see the 4-channel latents)."""
         _check_bools(paste_back=paste_back, blend=blend, progress=progress, allow_large=allow_large)
         dedicated = self.models.unet.config.in_channels == 9
         if blend is None:
@@ -276,9 +315,11 @@ class Pipeline:
                                             width, scheduler, strength, latents, allow_large, clip_skip,
                                             prompt_syntax)
         mask_arr = sdimages.prepare_masks(masks, images, req.height, req.width)
+        prepared = self._controls(controls, guess_mode, req)
         pixels = sdimages.fit_images(arrays, req.height, req.width)
         batch = {**self._batch(req), "pixels": pixels, "masks": mask_arr}
-        return self._generate("inpaint", req, batch, progress, dedicated=dedicated, paste_back=bool(paste_back))
+        return self._generate("inpaint", req, batch, progress, prepared, dedicated=dedicated,
+                              paste_back=bool(paste_back))
 
     def _validate(self, prompts, negative_prompts, seeds, steps, guidance_scale, height, width, scheduler,
                   strength=None, latents=None, allow_large=False, clip_skip=1, prompt_syntax="plain") -> Request:
@@ -288,6 +329,10 @@ class Pipeline:
                                 max_steps=self.scheduler_config.num_train_timesteps, allow_large=allow_large,
                                 clip_skip=clip_skip, prompt_syntax=prompt_syntax,
                                 max_clip_skip=self.models.text_encoder.config.num_layers)
+
+    def _controls(self, controls, guess_mode, req: Request) -> control_lib.Prepared | None:
+        return control_lib.prepare(controls, guess_mode, len(req.prompts), req.height, req.width,
+                                   self.models.unet.config, self.models.vae_scale)
 
     def _validate_images(self, images, prompts, negative_prompts, seeds, steps, guidance_scale, height, width,
                          scheduler, strength, latents, allow_large, clip_skip=1,
@@ -315,7 +360,7 @@ class Pipeline:
         return batch
 
     def _generate(self, job: str, req: Request, batch: dict[str, np.ndarray], progress: bool | None,
-                  **static) -> Generation:
+                  controls: control_lib.Prepared | None = None, **static) -> Generation:
         """Pads and shards the batch, runs the job's jitted function, returns the trimmed result."""
         schedule = self.schedule(req.scheduler, req.steps)
         first = 0
@@ -325,18 +370,26 @@ class Pipeline:
             # First call index from strength on the host, in float64 exactly as the reference; traced in the loop.
             first = schedulers.first_call_index(schedule, req.strength)
         b = len(req.prompts)
+        params, control, extra = self.params, None, {}
+        if controls is not None:
+            batch = {**batch, **{f"control_{n}": images for n, images in enumerate(controls.images)}}
+            params = {**params, "controlnets": self._controlnet_params(controls)}
+            control = parallel.put_replicated({"scales": np.asarray(controls.scales, np.float32),
+                                               "keep": controls.keep(first, schedule.num_calls)}, self.mesh)
+            static = {**static, "guess_mode": controls.guess_mode}
+            extra = controls.settings()
         size = parallel.padded_size(b, self.mesh)
         batch = parallel.put_batch({k: parallel.pad_batch(v, size) for k, v in batch.items()}, self.mesh)
         show = _want_progress(progress)
         args = (jnp.int32(first),) if JOBS[job].from_image else ()
         with _progress_bar(self._progress, schedule.num_calls, first, show):
-            out, final = self._jitted(job)(self.params, parallel.put_replicated(schedule, self.mesh), batch,
-                                           jnp.float32(req.guidance_scale), *args, use_cfg=req.use_cfg,
-                                           clip_skip=req.clip_skip, progress=self._progress if show else None,
-                                           **static)
+            out, final = self._jitted(job, controls)(
+                params, parallel.put_replicated(schedule, self.mesh), batch, jnp.float32(req.guidance_scale),
+                *args, control, use_cfg=req.use_cfg, clip_skip=req.clip_skip,
+                progress=self._progress if show else None, **static)
         # Multi-process: every process made this same call and gets the whole batch back (an all-gather).
         pixels, final = parallel.to_host(out)[:b], parallel.to_host(final)[:b]
-        return self._result(pixels, final, req, schedule, **req.text_settings,
+        return self._result(pixels, final, req, schedule, **req.text_settings, **extra,
                             **({"paste_back": static["paste_back"]} if "paste_back" in static else {}))
 
     def _result(self, pixels, final, req: Request, schedule, **extra) -> Generation:
@@ -375,7 +428,7 @@ def jit_job(models: sampling.Models, mesh, job: str):
     compiles it: (params, schedule, batch, guidance_scale[, first], *, use_cfg, clip_skip, progress, **static) ->
     (pixels, final latents), both sharded over the mesh's batch axis."""
     return jax.jit(functools.partial(JOBS[job].fn, models),
-                   static_argnames=("use_cfg", "clip_skip", "progress", *JOBS[job].static),
+                   static_argnames=("use_cfg", "clip_skip", "guess_mode", "progress", *JOBS[job].static),
                    out_shardings=parallel.batch_sharded(mesh), compiler_options=parallel.compiler_options(mesh))
 
 

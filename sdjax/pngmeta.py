@@ -16,6 +16,14 @@ form ``Sampler: DPM++ 2M Karras``: every A1111 version reads it (since v1.9 A111
 ``Sampler: DPM++ 2M, Schedule type: Karras`` and splits legacy names on reading), while older versions
 and most other tools know only the combined names. `generation_settings` accepts both forms.
 
+ControlNets (`Generation.settings["controls"]`) are written as the sd-webui-controlnet extension writes its units,
+one quoted entry each, plus ``Guess Mode: True`` when it was on::
+
+    ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny, Weight: 1.0, Threshold A: 100, Threshold B: 200,
+    Guidance Start: 0.0, Guidance End: 1.0"
+
+(on one line). The control images themselves are not stored, so such a PNG records but cannot reproduce them.
+
 Values holding a comma, colon or newline are JSON-quoted as A1111 quotes them; sdjax also quotes values
 with leading or trailing whitespace or a leading double quote, so every value reads back exactly.
 `parse_parameters` undoes `format_parameters` exactly for any prompt, except that a prompt line starting
@@ -29,7 +37,7 @@ import json
 import os
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from PIL import Image, PngImagePlugin
@@ -45,6 +53,8 @@ NEGATIVE_PREFIX = "Negative prompt:"
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _KEY = re.compile(r"\w[\w \-/]+")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
+CONTROLNET_KEY = re.compile(r"ControlNet (\d+)")  # the extension's "ControlNet 0", "ControlNet 1", ...
+GUESS_MODE_KEY = "Guess Mode"
 
 
 def __getattr__(attr: str) -> Any:
@@ -113,12 +123,18 @@ def format_pairs(params: Mapping[str, Any]) -> str:
     return ", ".join(pairs)
 
 
-def infotext(generation: Any, index: int, model: str | None = None, extra: Mapping[str, Any] | None = None) -> str:
+def infotext(generation: Any, index: int, model: str | None = None, extra: Mapping[str, Any] | None = None,
+             preprocessors: Sequence[Mapping[str, Any]] | None = None) -> str:
     """The infotext of image `index` of a `pipeline.Generation` (model defaults to its settings' model).
 
     Text settings as A1111 writes them: ``Clip skip: N`` when it is not 1; ``Emphasis: None`` (A1111's mode that
     reads brackets as text) for the plain prompt syntax, only when A1111's default grammar would read the prompt
-    or negative prompt differently (so plain prompts without brackets look as A1111 writes them)."""
+    or negative prompt differently (so plain prompts without brackets look as A1111 writes them).
+
+    ControlNets of the settings: one ``ControlNet i`` entry each (`controlnet_unit`), ``Guess Mode: True`` when on.
+    preprocessors: per ControlNet, how its control image was made, in the extension's keys (e.g. ``{"Module":
+    "canny", "Threshold A": 100, "Threshold B": 200}``); the generation does not know it (the API takes control
+    images as they are), so without it every unit says ``Module: none``."""
     s = generation.settings
     prompt, negative = generation.prompts[index], generation.negative_prompts[index]
     text: dict[str, Any] = {}
@@ -129,12 +145,38 @@ def infotext(generation: Any, index: int, model: str | None = None, extra: Mappi
 
         if not (is_plain_text(prompt) and is_plain_text(negative)):
             text["Emphasis"] = "None"
+    controls = s.get("controls") or []
+    if preprocessors is not None and len(preprocessors) != len(controls):
+        raise ValueError(f"preprocessors: one per ControlNet of the generation ({len(controls)}), got "
+                         f"{len(preprocessors)}")
+    for i, control in enumerate(controls):
+        text[f"ControlNet {i}"] = controlnet_unit(control, preprocessors[i] if preprocessors is not None else None)
+    if controls and s.get("guess_mode"):
+        text[GUESS_MODE_KEY] = True
     return format_parameters(
         prompt, negative, steps=s["steps"],
         scheduler=s["scheduler"], guidance_scale=s["guidance_scale"], seed=generation.seeds[index],
         width=s["width"], height=s["height"], model=model if model is not None else s.get("model"),
         extra={**(extra or {}), **text},
     )
+
+
+def controlnet_unit(control: Mapping[str, Any], preprocessor: Mapping[str, Any] | None = None) -> str:
+    """One ControlNet of `Generation.settings["controls"]` (model, scale, start, end) as the sd-webui-controlnet
+    extension writes a unit: ``Module: canny, Model: NAME, Weight: 1.0, [Threshold A: 100, Threshold B: 200, ]
+    Guidance Start: 0.0, Guidance End: 1.0``. preprocessor: the ``Module`` (default "none") and its extension
+    keys. A value holding a comma or colon (a model folder's name could) is quoted as `quote` does: sdjax reads
+    it back; the extension, which never writes such values, skips that unit with a warning."""
+    pre = dict(preprocessor or {})
+    unit = {"Module": pre.pop("Module", "none"), "Model": control["model"], "Weight": float(control["scale"]),
+            **pre, "Guidance Start": float(control["start"]), "Guidance End": float(control["end"])}
+    return format_pairs(unit)
+
+
+def parse_controlnet_unit(text: str) -> dict[str, str]:
+    """A ``ControlNet i`` value (sdjax's or the extension's) -> ``{"Module": ..., "Model": ..., ...}``, values as
+    strings; what does not parse as ``Key: value`` pairs is left out (never raises)."""
+    return {key: unquote(value.strip()) for key, value in _PARAM.findall(text)}
 
 
 def parse_parameters(text: str) -> dict[str, str]:
@@ -166,7 +208,9 @@ def _split_prompts(lines: list[str]) -> tuple[str, str]:
 
 def generation_settings(params: Mapping[str, str]) -> dict[str, Any]:
     """Parsed infotext -> sdjax arguments (prompt, negative_prompt, steps, guidance_scale, seed, width,
-    height, scheduler, model) for the keys present; scheduler is None for a sampler sdjax lacks."""
+    height, scheduler, model) for the keys present; scheduler is None for a sampler sdjax lacks. ControlNet
+    entries give "controls" ([{"model", "module", "scale", "start", "end"}], as far as they parse) and
+    "guess_mode"."""
     out: dict[str, Any] = {"prompt": params.get("prompt", ""), "negative_prompt": params.get("negative_prompt", "")}
     if "Steps" in params:
         out["steps"] = int(params["Steps"])
@@ -181,6 +225,24 @@ def generation_settings(params: Mapping[str, str]) -> dict[str, Any]:
         out["scheduler"] = _scheduler_of(params["Sampler"], params.get("Schedule type"))
     if "Model" in params:
         out["model"] = params["Model"]
+    units = sorted((int(m.group(1)), value) for key, value in params.items() if (m := CONTROLNET_KEY.fullmatch(key)))
+    if units:
+        out["controls"] = [_control_settings(parse_controlnet_unit(value)) for _, value in units]
+    if GUESS_MODE_KEY in params:
+        out["guess_mode"] = params[GUESS_MODE_KEY] == "True"
+    return out
+
+
+def _control_settings(unit: Mapping[str, str]) -> dict[str, Any]:
+    """A parsed ControlNet unit -> {"model", "module", "scale", "start", "end"} (`Generation.settings`' names, plus
+    the preprocessor); numbers that do not parse are left out rather than raised on: the unit is informative only
+    (its control image is not in the PNG)."""
+    out: dict[str, Any] = {"model": unit.get("Model", ""), "module": unit.get("Module", "none")}
+    for key, name in (("Weight", "scale"), ("Guidance Start", "start"), ("Guidance End", "end")):
+        try:
+            out[name] = float(unit[key])
+        except (KeyError, ValueError):
+            pass
     return out
 
 

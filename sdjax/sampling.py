@@ -6,6 +6,11 @@ Prompts (as token ids and per-token weights), seeds, images, strength (as the fi
 scale are traced arguments, so changing them never recompiles; the number of 77-token prompt chunks is a shape
 and clip skip a static argument (it decides how many CLIP layers the program holds), each compiling once.
 
+ControlNets (`Models.controlnets`, params["controlnets"]): each job takes their control images in the batch
+("control_0", ... [B, H, W, 3] in [0, 1]) and a traced `control` dict: "scales" [N] and "keep" [N, num_calls]
+(1.0 where ControlNet n acts at call i: the start/end fractions, resolved on the host by `controls.keep_table`),
+so new scales, start or end never recompile; guess mode is static (it changes what the ControlNets see).
+
 Randomness: image b's key is `jax.random.key(seeds[b])`; its initial noise uses `fold_in(key, 0)` and the
 noise of step i (ancestral samplers) uses `fold_in(fold_in(key, 1), i)`. Nothing depends on the batch size,
 the position in the batch or the number of devices.
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +29,7 @@ from jax.sharding import Mesh
 
 from sdjax import schedulers
 from sdjax.clip import TextEncoder
+from sdjax.controlnet import ControlNet, Residuals, combine
 from sdjax.layers import AttentionConfig
 from sdjax.unet import UNet
 from sdjax.vae import VAE
@@ -34,11 +40,13 @@ TEXTUAL_INVERSION = "textual_inversion"  # params key of the added token vectors
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    """The three modules (static: hashable configs and dtype); their params travel separately."""
+    """The modules (static: configs, dtype, kernels); their params travel separately ("text_encoder", "unet",
+    "vae", and "controlnets": one params tree per ControlNet, in this order)."""
 
     text_encoder: TextEncoder
     unet: UNet
     vae: VAE
+    controlnets: tuple[ControlNet, ...] = ()
 
     @property
     def latent_channels(self) -> int:
@@ -54,11 +62,18 @@ class Models:
         implementation = implementation or self.unet.attention.implementation
         config = AttentionConfig.for_mesh(mesh, implementation)
         return Models(self.text_encoder.clone(attention=config), self.unet.clone(attention=config),
-                      self.vae.clone(attention=config))
+                      self.vae.clone(attention=config), tuple(c.clone(attention=config) for c in self.controlnets))
 
     def astype(self, dtype: Any) -> Models:
         """The same models computing in `dtype` (params are cast separately)."""
-        return Models(self.text_encoder.clone(dtype=dtype), self.unet.clone(dtype=dtype), self.vae.clone(dtype=dtype))
+        return Models(self.text_encoder.clone(dtype=dtype), self.unet.clone(dtype=dtype), self.vae.clone(dtype=dtype),
+                      tuple(c.clone(dtype=dtype) for c in self.controlnets))
+
+    def with_controlnets(self, controlnets: tuple[ControlNet, ...]) -> Models:
+        """The same models with these ControlNets (given the UNet's dtype and attention kernels)."""
+        unet = self.unet
+        nets = tuple(c.clone(dtype=unet.dtype, attention=unet.attention) for c in controlnets)
+        return dataclasses.replace(self, controlnets=nets)
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -128,19 +143,79 @@ def decode(models: Models, params: dict, z: jax.Array) -> jax.Array:
     return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
+class Controls(NamedTuple):
+    """A job's ControlNet inputs (traced): images, one [B, H, W, 3] in [0, 1] per ControlNet (from the batch's
+    "control_n"); scales [N]; keep [N, num_calls], 1.0 where ControlNet n acts at call i, else 0.0."""
+
+    images: tuple[jax.Array, ...]
+    scales: jax.Array
+    keep: jax.Array
+
+
+def _controls(models: Models, batch: dict[str, jax.Array], control: dict[str, jax.Array] | None) -> Controls | None:
+    if not models.controlnets:
+        return None
+    if control is None:
+        raise ValueError("these models hold ControlNets: the job needs `control` (scales and keep)")
+    images = tuple(batch[f"control_{n}"] for n in range(len(models.controlnets)))
+    return Controls(images, control["scales"], control["keep"])
+
+
+def control_residuals(models: Models, params: dict, controls: Controls, i: jax.Array, x: jax.Array, t: jax.Array,
+                      context: jax.Array, use_cfg: bool, guess_mode: bool) -> Residuals:
+    """The ControlNets' residuals for UNet call i on latents x [B, h, w, 4] (scaled model input), summed, in the
+    UNet's batch layout (with CFG the interleaved [uncond_0, cond_0, ...] rows of `guided_eps`).
+
+    As diffusers' StableDiffusionControlNetPipeline: under CFG the ControlNets see both halves (the control image
+    repeated), in guess mode only the conditional half, the unconditional rows getting zero residuals. Each
+    ControlNet runs with scale = scales[n] * keep[n, i] (`controlnet_keep`); where that is 0 its residuals are
+    exactly zero, so it is skipped (`lax.cond`: the step does not pay for it).
+    """
+    if use_cfg and guess_mode:
+        x_c, ctx_c = x, context[1::2]  # the conditional rows only: [B, h, w, 4], [B, L, D]
+    elif use_cfg:
+        x_c, ctx_c = jnp.repeat(x, 2, axis=0), context  # [2B, h, w, 4], [2B, L, D]
+    else:
+        x_c, ctx_c = x, context
+    out = []
+    for n, (net, net_params, image) in enumerate(zip(models.controlnets, params["controlnets"], controls.images,
+                                                     strict=True)):
+        scale = controls.scales[n] * controls.keep[n, i]
+        if use_cfg and not guess_mode:
+            image = jnp.repeat(image, 2, axis=0)  # [2B, H, W, 3], both rows of an image see its control
+
+        def run(net=net, net_params=net_params, image=image, scale=scale) -> Residuals:
+            return net.apply({"params": net_params}, x_c, t, ctx_c, image, scale, guess_mode)  # type: ignore[return-value]
+
+        def skip(run=run) -> Residuals:
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
+
+        out.append(lax.cond(scale != 0, run, skip))
+    r = combine(out)
+    if use_cfg and guess_mode:  # zeros for the unconditional rows, interleaved as the UNet's batch
+        def interleave(a):
+            return jnp.stack([jnp.zeros_like(a), a], axis=1).reshape(-1, *a.shape[1:])  # [2B, ...]
+
+        r = Residuals(tuple(interleave(d) for d in r.down), interleave(r.mid))
+    return r
+
+
 def guided_eps(models: Models, params: dict, x: jax.Array, t: jax.Array, context: jax.Array,
-               guidance_scale: jax.Array, use_cfg: bool, extra: jax.Array | None = None) -> jax.Array:
+               guidance_scale: jax.Array, use_cfg: bool, extra: jax.Array | None = None,
+               residuals: Residuals | None = None) -> jax.Array:
     """The UNet's prediction at x [B, h, w, C]; with CFG one call on the interleaved [uncond, cond] batch
     (context [2B, L, D], from `_context`).
 
-    `extra` [B, h, w, E] is concatenated to the UNet input after x (the inpainting model's mask and image).
+    `extra` [B, h, w, E] is concatenated to the UNet input after x (the inpainting model's mask and image);
+    `residuals` (from `control_residuals`, in the UNet's batch layout) are added to its skips and mid block.
     """
     inp = x if extra is None else jnp.concatenate([x, extra.astype(x.dtype)], axis=-1)
+    unet = {"params": params["unet"]}
     if not use_cfg:
-        return models.unet.apply({"params": params["unet"]}, inp, t, context).astype(jnp.float32)
+        return models.unet.apply(unet, inp, t, context, residuals).astype(jnp.float32)
     # Rows interleaved [uncond_0, cond_0, uncond_1, ...] (as `_context` builds the context): each device's
     # shard of the CFG batch holds both halves of its own images, so nothing moves between devices.
-    out = models.unet.apply({"params": params["unet"]}, jnp.repeat(inp, 2, axis=0), t, context)  # [2B, h, w, C]
+    out = models.unet.apply(unet, jnp.repeat(inp, 2, axis=0), t, context, residuals)  # [2B, h, w, C]
     out = out.astype(jnp.float32).reshape(x.shape[0], 2, *out.shape[1:])
     uncond, cond = out[:, 0], out[:, 1]
     return uncond + guidance_scale * (cond - uncond)
@@ -149,11 +224,13 @@ def guided_eps(models: Models, params: dict, x: jax.Array, t: jax.Array, context
 def denoise(models: Models, params: dict, schedule: schedulers.Schedule, x: jax.Array, context: jax.Array,
             keys: jax.Array, guidance_scale: jax.Array, use_cfg: bool, first: Any = 0,
             extra: jax.Array | None = None, after_step: Callable | None = None,
-            progress: Callable | None = None) -> jax.Array:
+            progress: Callable | None = None, controls: Controls | None = None,
+            guess_mode: bool = False) -> jax.Array:
     """Runs calls first .. num_calls-1 of the sampler on latents x [B, h, w, 4] (first may be traced).
 
     after_step(i, x) -> x rewrites the latents after each step (inpainting by mask blending uses it);
-    progress(i) is called on the host after each step (it must tolerate repeats: one per device).
+    progress(i) is called on the host after each step (it must tolerate repeats: one per device);
+    controls: the ControlNets' inputs (`control_residuals`), None without ControlNets.
     """
     state = schedulers.init_state(schedule, x)
     dtype = models.unet.dtype
@@ -161,7 +238,11 @@ def denoise(models: Models, params: dict, schedule: schedulers.Schedule, x: jax.
     def body(i, carry):
         x, state = carry
         x_in = schedulers.scale_model_input(schedule, x, i).astype(dtype)
-        eps = guided_eps(models, params, x_in, schedule.timesteps[i], context, guidance_scale, use_cfg, extra)
+        t = schedule.timesteps[i]
+        residuals = None
+        if controls is not None:
+            residuals = control_residuals(models, params, controls, i, x_in, t, context, use_cfg, guess_mode)
+        eps = guided_eps(models, params, x_in, t, context, guidance_scale, use_cfg, extra, residuals)
         noise = normal_per_image(keys, NOISE_STEPS, x.shape[1:], i)
         x, state = schedulers.step(schedule, state, eps, i, x, noise=noise)
         if after_step is not None:
@@ -189,13 +270,15 @@ def _context(models: Models, params: dict, batch: dict[str, jax.Array], use_cfg:
 
 
 def txt2img(models: Models, params: dict, schedule: schedulers.Schedule, batch: dict[str, jax.Array],
-            guidance_scale: jax.Array, *, height: int, width: int, use_cfg: bool, clip_skip: int = 1,
+            guidance_scale: jax.Array, control: dict[str, jax.Array] | None = None, *, height: int, width: int,
+            use_cfg: bool, clip_skip: int = 1, guess_mode: bool = False,
             progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """Prompts -> (pixels [B, H, W, 3] in [0, 1], final latents [B, H/8, W/8, 4]).
 
     batch: "ids", "neg_ids" [B, K, 77] token ids (K chunks; [B, 77] is one), optionally "weights", "neg_weights"
     [B, K, 77] (the a1111 prompt syntax, `_context`), "seeds" [B] uint32, optionally "latents" [B, H/8, W/8, 4]
-    unscaled standard-normal starting noise (as the reference's `latents=`) replacing the seeded draw.
+    unscaled standard-normal starting noise (as the reference's `latents=`) replacing the seeded draw, and with
+    ControlNets "control_0", ... [B, H, W, 3] (`control`: see the module docstring).
     """
     context = _context(models, params, batch, use_cfg, clip_skip)
     keys = image_keys(batch["seeds"])
@@ -204,7 +287,8 @@ def txt2img(models: Models, params: dict, schedule: schedulers.Schedule, batch: 
     if latents is None:
         latents = normal_per_image(keys, NOISE_INIT, shape)
     x = latents.astype(jnp.float32) * schedulers.init_noise_sigma(schedule)
-    x = denoise(models, params, schedule, x, context, keys, guidance_scale, use_cfg, progress=progress)
+    x = denoise(models, params, schedule, x, context, keys, guidance_scale, use_cfg, progress=progress,
+                controls=_controls(models, batch, control), guess_mode=guess_mode)
     return decode(models, params, x), x
 
 
@@ -219,7 +303,8 @@ def encode_image(models: Models, params: dict, pixels: jax.Array) -> jax.Array:
 
 
 def img2img(models: Models, params: dict, schedule: schedulers.Schedule, batch: dict[str, jax.Array],
-            guidance_scale: jax.Array, first: jax.Array, *, use_cfg: bool, clip_skip: int = 1,
+            guidance_scale: jax.Array, first: jax.Array, control: dict[str, jax.Array] | None = None, *,
+            use_cfg: bool, clip_skip: int = 1, guess_mode: bool = False,
             progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """Image to image: the image's latents noised to call index `first` (traced), then calls first.. of the
     sampler, as diffusers' StableDiffusionImg2ImgPipeline (strength picks `first` on the host).
@@ -234,13 +319,14 @@ def img2img(models: Models, params: dict, schedule: schedulers.Schedule, batch: 
     noise = normal_per_image(keys, NOISE_INIT, x0.shape[1:]) if latents is None else latents
     x = schedulers.add_noise(schedule, x0, noise, first)
     x = denoise(models, params, schedule, x, context, keys, guidance_scale, use_cfg, first=first,
-                progress=progress)
+                progress=progress, controls=_controls(models, batch, control), guess_mode=guess_mode)
     return decode(models, params, x), x
 
 
 def inpaint(models: Models, params: dict, schedule: schedulers.Schedule, batch: dict[str, jax.Array],
-            guidance_scale: jax.Array, first: jax.Array, *, use_cfg: bool, dedicated: bool, paste_back: bool,
-            clip_skip: int = 1, progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+            guidance_scale: jax.Array, first: jax.Array, control: dict[str, jax.Array] | None = None, *,
+            use_cfg: bool, dedicated: bool, paste_back: bool, clip_skip: int = 1, guess_mode: bool = False,
+            progress: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """Repaints where batch["masks"] [B, H, W] (in [0, 1]) are 1, keeps batch["pixels"] [B, H, W, 3] where
     they are 0 (the rest of the batch as `img2img`'s).
 
@@ -278,8 +364,10 @@ def inpaint(models: Models, params: dict, schedule: schedulers.Schedule, batch: 
             proper = jnp.where(i < last, schedulers.add_noise(schedule, x0, noise, jnp.minimum(i + 1, last)), x0)
             return keep * proper + (1.0 - keep) * x
 
+    # The ControlNets see the 4-channel latents, never the 9-channel model's extra inputs (as diffusers).
     x = denoise(models, params, schedule, x, context, keys, guidance_scale, use_cfg, first=first, extra=extra,
-                after_step=after_step, progress=progress)
+                after_step=after_step, progress=progress, controls=_controls(models, batch, control),
+                guess_mode=guess_mode)
     out = decode(models, params, x)
     if paste_back:
         m = masks[..., None]

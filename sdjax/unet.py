@@ -297,7 +297,10 @@ class UNet(nn.Module):
     attention: AttentionConfig = AttentionConfig()
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, residuals: Any = None) -> jax.Array:
+        """residuals: a ControlNet's output (`controlnet.Residuals`: `.down`, one per skip connection in the
+        order the down path makes them, and `.mid`), added to the skips and to the mid block's output as
+        diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`; None adds nothing."""
         cfg, d = self.config, self.dtype
         b = x.shape[0]
         x = x.astype(d)
@@ -319,8 +322,16 @@ class UNet(nn.Module):
                 h, temb, context)
             skips += block_skips
 
+        if residuals is not None:
+            if len(residuals.down) != len(skips):
+                raise ValueError(f"residuals.down has {len(residuals.down)} entries; this UNet has {len(skips)} skip "
+                                 "connections (a ControlNet for another architecture)")
+            skips = [s + r.astype(d) for s, r in zip(skips, residuals.down)]
+
         h = MidBlock(cfg.block_out_channels[-1], cfg.heads[-1], cfg.transformer_layers[-1], cfg, d, self.attention,
                      name="mid_block")(h, temb, context)
+        if residuals is not None:
+            h = h + residuals.mid.astype(d)
 
         up_channels = cfg.block_out_channels[::-1]
         for i, ch in enumerate(up_channels):

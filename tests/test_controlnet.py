@@ -40,10 +40,14 @@ def torch_controlnet(config: ControlNetConfig, seed: int):
 
     model = ref.randomize_(ControlNetModel.from_config(config.to_diffusers()), seed)
     # `randomize_` draws anything named "*embedding*" as N(0, 1) (token tables); the control image's conv stack
-    # is named so too, and nine unit-variance convs in a row would blow activations up by ~1e8: scale by fan-in.
+    # is named so too, and nine unit-variance convs in a row would blow activations up by ~1e8: scale by fan-in
+    # (x 1.5, which keeps the signal's size through the SiLUs), and shrink the random biases, which otherwise
+    # swamp the image (its embedding then moved by < 1% between two control images; now it is all image).
     for p in model.controlnet_cond_embedding.parameters():
         if p.ndim == 4:
-            p.mul_(1 / math.sqrt(math.prod(p.shape[1:])))
+            p.mul_(1.5 / math.sqrt(math.prod(p.shape[1:])))
+        else:
+            p.mul_(0.05)
     return model
 
 
