@@ -60,6 +60,7 @@ class Report:
     attention: list[dict[str, Any]]
     flops: float | None  # XLA's cost analysis of the whole program (a loop body counted once), per device
     custom_calls: list[str]
+    controlnets: int = 0  # ControlNets in the sampling loop (generation jobs)
 
     @property
     def per_device_bytes(self) -> int:
@@ -91,7 +92,8 @@ class Report:
         gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
         lines = [
             f"job {self.job} on {self.target} ({self.devices}): model {self.model}, {self.size}x{self.size}, "
-            f"batch {self.batch}, {self.dtype}" + (f", {self.steps} steps" if self.job != "train-lora" else ""),
+            f"batch {self.batch}, {self.dtype}" + (f", {self.steps} steps" if self.job != "train-lora" else "")
+            + (f", {self.controlnets} ControlNet(s)" if self.controlnets else ""),
             f"compile: {self.compile_s:.1f} s on this machine",
             f"memory per device: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
             f"outputs {gib(self.output_bytes)} (aliased {gib(self.alias_bytes)}), code {gib(self.code_bytes)}",
@@ -108,12 +110,14 @@ class Report:
 
 def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str = "sd15", size: int = 512,
                   batch: int | None = None, dtype: Any = "bfloat16", steps: int = 50, scheduler: str | None = None,
-                  attention: str | None = None, lora_rank: int = 8) -> Report:
+                  attention: str | None = None, lora_rank: int = 8, controlnets: int = 0) -> Report:
     """Compiles `job` for `target` with `model`'s shapes; see the module docstring.
 
     batch: images (or training examples) over all devices; default one per device. steps and scheduler:
     the sampling loop's length and sampler (default: the model's scheduler, PNDM for SD1.5). attention:
     an implementation for every layer (default: chosen per layer for the target). lora_rank: train-lora's.
+    controlnets: generation jobs with this many ControlNets of the model's architecture in the loop
+    (`ControlNetConfig.from_unet`, as lllyasviel's SD1.5 ones).
     """
     if job not in JOBS:
         raise ValueError(f"job {job!r} is not known; choose one of {', '.join(JOBS)}")
@@ -125,6 +129,10 @@ def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if isinstance(controlnets, bool) or not isinstance(controlnets, int) or not 0 <= controlnets <= 8:
+        raise ValueError(f"controlnets must be an integer in [0, 8], got {controlnets!r}")
+    if controlnets and job == "train-lora":
+        raise ValueError("controlnets: the train-lora job has no ControlNets (generation jobs only)")
     if attention is not None and attention not in layers.IMPLEMENTATIONS:
         raise ValueError(f"attention {attention!r} is not one of {', '.join(layers.IMPLEMENTATIONS)}")
     (clip_cfg, unet_cfg, vae_cfg), sched_dict = model_configs(model)
@@ -140,6 +148,13 @@ def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str
                              VAE(vae_cfg, dtype=dt)).for_mesh(mesh, attention)
     params = abstract_params({"text_encoder": clip_cfg, "unet": unet_cfg, "vae": vae_cfg}, dt,
                              parallel.replicated(mesh))
+    if controlnets:
+        from sdjax import controlnet
+
+        cn_cfg = controlnet.ControlNetConfig.from_unet(unet_cfg)
+        models = models.with_controlnets((controlnet.ControlNet(cn_cfg),) * controlnets)
+        cast = lambda a: jax.ShapeDtypeStruct(a.shape, dt, sharding=parallel.replicated(mesh))  # noqa: E731
+        params["controlnets"] = (jax.tree.map(cast, controlnet.abstract_params(cn_cfg)),) * controlnets
     sched_cfg = schedulers.SchedulerConfig.from_dict(sched_dict)
     with layers.record_attention() as log:
         start = time.perf_counter()
@@ -160,7 +175,7 @@ def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str
     return Report(job, target, targets.describe(mesh.devices.flat), model if isinstance(model, str) else str(model),
                   size, batch, jnp.dtype(dt).name, steps, seconds, int(mem.argument_size_in_bytes),
                   int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes),
-                  int(mem.generated_code_size_in_bytes), tgt.memory_bytes, list(log), flops, calls)
+                  int(mem.generated_code_size_in_bytes), tgt.memory_bytes, list(log), flops, calls, controlnets)
 
 
 def model_configs(model: str | Path) -> tuple[tuple[CLIPConfig, UNetConfig, VAEConfig], dict]:
@@ -207,9 +222,15 @@ def _lower_generation(job: str, models: sampling.Models, params: dict, schedule:
         inputs["masks"] = spec((b, size, size), jnp.float32)
         static = {"dedicated": models.unet.config.in_channels == 9, "paste_back": False}
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)  # noqa: E731
+    control = None
+    n = len(models.controlnets)
+    if n:  # as `Pipeline._generate` passes them: images in the batch, traced scales and keep table
+        inputs.update({f"control_{i}": spec((b, size, size, 3), jnp.float32) for i in range(n)})
+        control = {"scales": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=rep),
+                   "keep": jax.ShapeDtypeStruct((n, schedule.num_calls), jnp.float32, sharding=rep)}
     fn = pipeline.jit_job(models, mesh, job)
     first = (scalar(jnp.int32),) if pipeline.JOBS[job].from_image else ()
-    return fn.lower(params, _shaped(schedule, rep), inputs, scalar(jnp.float32), *first, use_cfg=True,
+    return fn.lower(params, _shaped(schedule, rep), inputs, scalar(jnp.float32), *first, control, use_cfg=True,
                     progress=None, **static)
 
 

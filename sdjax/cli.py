@@ -516,6 +516,8 @@ def add_compile_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", default=None, choices=IMPLEMENTATIONS,
                    help="one attention implementation for every layer (default: chosen per layer)")
     p.add_argument("--lora-rank", default=8, type=_int_at_least(1, 1024), help="train-lora's rank (default: 8)")
+    p.add_argument("--controlnets", default=0, type=_int_at_least(0, 8), metavar="N",
+                   help="generation jobs with N ControlNets of the model's architecture in the loop (default: 0)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the reports as JSON")
     p.set_defaults(run=run_compile_check, parser=p)
 
@@ -538,10 +540,12 @@ def run_compile_check(args: argparse.Namespace) -> int:
             # a known name's 9-channel variant for the inpaint job (sd15 -> sd15-inpaint, tiny -> tiny-inpaint)
             inpaint_variant = f"{args.model}-inpaint"
             model = inpaint_variant if job == "inpaint" and inpaint_variant in aot.MODELS else args.model
+            controlnets = 0 if job == "train-lora" else args.controlnets  # training has none: plain for that job
             try:
                 report = aot.compile_check(job, target, model=model, size=args.size, batch=args.batch,
                                            dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
-                                           attention=args.attention, lora_rank=args.lora_rank)
+                                           attention=args.attention, lora_rank=args.lora_rank,
+                                           controlnets=controlnets)
             except ValueError as err:
                 raise UsageError(str(err)) from None
             except Exception as err:  # noqa: BLE001 -- XLA's compile errors come as several types; report each

@@ -66,6 +66,23 @@ def test_gpu_jobs_compile_with_cudnn_attention(job):
     assert "__cudnn$fmhaSoftmax" in report.custom_calls
 
 
+@pytest.mark.parametrize("target", ["tpu:v5e-4", "gpu:h100x2"])
+@pytest.mark.parametrize("job", ["txt2img", "inpaint"])
+def test_controlnet_jobs_compile(job, target):
+    """Two ControlNets in the loop (each under lax.cond) compile for a 4-chip TPU mesh with the Pallas kernel
+    and for 2 GPUs with cuDNN attention; the ControlNets' own long attention gets the same kernel."""
+    plain = check(job, target)
+    report = check(job, target, controlnets=2)
+    assert report.controlnets == 2 and report.fits and "2 ControlNet(s)" in report.format()
+    kernel = "pallas_tpu" if target.startswith("tpu") else "cudnn"
+    long = [r for r in report.attention if r["k"][1] == LONG]
+    # the UNet's long self-attention layers, and as many again per ControlNet (its copy of the down blocks)
+    plain_long = [r for r in plain.attention if r["k"][1] == LONG]
+    assert len(long) > len(plain_long) and {r["implementation"] for r in long} == {kernel}
+    assert report.argument_bytes > plain.argument_bytes  # the ControlNets' params are arguments
+    assert ("tpu_custom_call" if kernel == "pallas_tpu" else "__cudnn$fmhaSoftmax") in report.custom_calls
+
+
 def test_compiler_options_follow_the_mesh():
     from sdjax import parallel
 
@@ -102,6 +119,8 @@ def test_override_and_report_format(tmp_path):
     (dict(attention="flash"), "attention 'flash' is not one of"),
     (dict(model="no/such/folder"), "neither a known name"),
     (dict(job="inpaint", model="tiny"), "9-channel"),
+    (dict(controlnets=9), r"controlnets must be an integer in \[0, 8\]"),
+    (dict(job="train-lora", controlnets=1), "generation jobs only"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     args = dict(job="txt2img", target="tpu:v5e-1", model="tiny", size=SIZE)
