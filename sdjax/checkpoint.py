@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -67,12 +68,15 @@ def read_config(folder: str | os.PathLike, kind: str) -> Any:
         raise CheckpointError(f"{path}: not a valid {kind} config ({type(err).__name__}: {err})") from err
 
 
-def load(folder: str | os.PathLike, kind: str, *, dtype: Any = "float32", variant: str | None = None):
+def load(folder: str | os.PathLike, kind: str, *, dtype: Any = "float32", variant: str | None = None,
+         abstract: Any = None):
     """A component folder (config.json + safetensors) -> (config, params), params as jnp arrays of `dtype`.
 
     Everything is checked before any tensor is read: the config (`read_config`), the safetensors files (by the
     safetensors library), then every tensor's name, dtype (floating point) and shape against the architecture;
-    then each tensor is checked to be finite as it is converted. Errors name the file (and field or tensor)."""
+    then each tensor is checked to be finite as it is converted. Errors name the file (and field or tensor).
+    abstract: `abstract_params(kind, config)` when the caller has it already (or a future of it: `load_pipeline`
+    traces the next component while this one is read)."""
     dtype = convert.parse_dtype(dtype)
     k = KINDS[kind]
     folder = Path(folder)
@@ -87,8 +91,12 @@ def load(folder: str | os.PathLike, kind: str, *, dtype: Any = "float32", varian
         # Half-precision files cast through float32 so e.g. fp16 -> bf16 rounds once, from the exact value.
         return jnp.asarray(np.ascontiguousarray(a, dtype=np.float32), dtype=dtype)
 
-    params = convert.to_params(state, k.rules(config), abstract_params(kind, config), source=source,
-                               ignored=k.ignored, finalize=to_device)
+    if abstract is None:
+        abstract = abstract_params(kind, config)
+    elif isinstance(abstract, concurrent.futures.Future):
+        abstract = abstract.result()
+    params = convert.to_params(state, k.rules(config), abstract, source=source, ignored=k.ignored,
+                               finalize=to_device)
     return config, params
 
 

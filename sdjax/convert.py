@@ -8,7 +8,9 @@ is absent, or a tensor of the wrong shape raises and names the key.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -22,6 +24,9 @@ from sdjax.clip import CLIPConfig
 from sdjax.io import CheckpointError  # raised here; also convert.CheckpointError
 from sdjax.unet import UNetConfig
 from sdjax.vae import VAEConfig
+
+# Threads that convert a checkpoint's tensors (`to_params`): the cores, up to 4 (reading is memory-bound beyond).
+LOAD_THREADS = min(4, os.cpu_count() or 1)
 
 # What a parameter may be stored as: every sdjax parameter is floating point. F8 is refused too: diffusers and
 # transformers never save SD weights in F8, and the F8 checkpoints in circulation ("fp8 scaled") carry
@@ -245,15 +250,28 @@ def to_params(state: Mapping[str, np.ndarray], rules: list[Rule], abstract: Any,
     names = _match(state, rules, source, ignored)
     for rule, name in names:
         _check_spec(state, rule, name, tuple(expected[rule.path].shape), source)
-    flat = {}
-    for rule, name in names:
+
+    def convert(item: tuple[Rule, str]) -> Any:
+        rule, name = item
         tensor = np.asarray(state[name])
         _check_finite(tensor, name, _spec(state, name)[2] or source)
         transform = rule.transform
         if transform == "linear" and tensor.ndim == 4 and name in rule.aliases:
             transform = "conv1x1_linear"
         value = _TO_PYTREE[transform](tensor)
-        flat[rule.path] = value if finalize is None else finalize(value)
+        return value if finalize is None else finalize(value)
+
+    # Reading (a copy out of the memory-mapped file), the finiteness check, the layout change (torch's OIHW /
+    # [out, in] to HWIO / [in, out]: a strided copy) and the device transfer all run in numpy / safetensors /
+    # jax code that releases the GIL, so a few threads use the machine's cores; at most `workers` host copies
+    # are alive at once, and errors still come in key order (map yields in order).
+    workers = max(1, min(LOAD_THREADS, len(names)))
+    if workers == 1:
+        values = [convert(item) for item in names]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sdjax-load") as pool:
+            values = list(pool.map(convert, names))
+    flat = {rule.path: value for (rule, _), value in zip(names, values, strict=True)}
     return traverse_util.unflatten_dict(flat)
 
 
