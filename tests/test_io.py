@@ -398,3 +398,20 @@ def test_overlapping_offsets_are_refused(tmp_path):
     with pytest.raises(io.SafetensorsError, match=r"tensor 'b' has data_offsets \[0, 8\], which overlap") as err:
         io.read_safetensors(path)
     assert str(path) in str(err.value)
+
+
+def test_lazy_tensors_read_from_many_threads(tmp_path):
+    """Positional reads (no shared file position): tensors read concurrently are exact, in any order."""
+    import concurrent.futures
+
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal((64, 33 + i)).astype(np.float32) for i in range(24)}
+    tensors.update(_all_dtypes())
+    path = _save(tmp_path, "many.safetensors", tensors)
+    lazy = io.LazyTensors(path)
+    keys = list(tensors) * 3
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        read = list(pool.map(lambda k: (k, lazy[k]), keys))
+    for key, array in read:
+        assert array.dtype == tensors[key].dtype and array.flags.writeable, key
+        np.testing.assert_array_equal(array, tensors[key])
