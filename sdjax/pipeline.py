@@ -141,6 +141,7 @@ class Pipeline:
         view.models = self.models.astype(dtype)
         view.dtype = dtype
         view._compiled = {}  # other modules: their own jitted functions
+        view._control_params = {}  # ControlNet params are cast to the pipeline's dtype: a cache per dtype
         return view
 
     def _jitted(self, job: str, controls: control_lib.Prepared | None = None):

@@ -341,3 +341,21 @@ def test_canny_preprocessor():
             control_lib.canny(img, low, high)
     with pytest.raises(ValueError, match="'sobel' is not one of none, canny"):
         control_lib.preprocess("sobel", img)
+
+
+def test_controlnet_params_follow_the_pipeline_dtype(pipe, nets):
+    """A float32 ControlNet in a bfloat16 pipeline runs in bfloat16 (its params cast once, per pipeline view)."""
+    import jax
+    import jax.numpy as jnp
+
+    _, (cn, _), _ = nets
+    images = [control_image(14), control_image(15)]
+    kw = dict(steps=3, seeds=[1, 2], scheduler="ddim", progress=False)
+    full = pipe.txt2img(PROMPTS, controls=[sdjax.Control(cn, images)], **kw)
+    half = pipe.astype("bfloat16")
+    low = half.txt2img(PROMPTS, controls=[sdjax.Control(cn, images)], **kw)
+    (_, placed), = half._control_params.values()
+    assert {a.dtype for a in jax.tree.leaves(placed)} == {jnp.dtype(jnp.bfloat16)}
+    assert {a.dtype for a in jax.tree.leaves(cn.params)} == {jnp.dtype(jnp.float32)}  # the model is untouched
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(next(iter(pipe._control_params.values()))[1]))
+    assert 0 < np.abs(low.pixels - full.pixels).mean() < 0.05  # bf16 rounding, not another image
