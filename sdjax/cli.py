@@ -858,13 +858,20 @@ def _control_words(message: str, specs: Sequence[ControlSpec]) -> str:
 def load(args: argparse.Namespace, loras: Sequence[tuple[str, float]] = ()) -> Any:
     """Loads the pipeline with the --lora files merged; raises LoadError with the loader's message on failure,
     UsageError for a LoRA that does not fit the model (found from the configs, before the weights load)."""
+    from sdjax import parallel
     from sdjax.lora import LoRAError
 
     try:
-        return pipeline.load_pipeline(args.model, dtype=args.dtype, variant=args.variant,
+        pipe = pipeline.load_pipeline(args.model, dtype=args.dtype, variant=args.variant,
                                       compilation_cache=args.cache_dir or process.default_cache_dir(),
                                       loras=list(loras), vae=getattr(args, "vae", None),
                                       safety_checker=not getattr(args, "no_safety_checker", False))
+        if args.dtype != "float32" and parallel.platform(pipe.mesh) == "cpu":
+            # XLA:CPU computes half-precision convolutions in float32, converting weights on the way (README,
+            # benchmark section): slower than float32 and no smaller at run time.
+            print(f"sdjax: note: --dtype {args.dtype} on a CPU is slower than float32 (XLA:CPU runs half-precision "
+                  "convolutions in float32); use --dtype float32 for speed", file=sys.stderr)
+        return pipe
     except LoRAError as err:
         raise UsageError(f"--lora: {_one_line(str(err))}") from err
     except (OSError, ValueError) as err:
