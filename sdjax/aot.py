@@ -61,6 +61,7 @@ class Report:
     flops: float | None  # XLA's cost analysis of the whole program (a loop body counted once), per device
     custom_calls: list[str]
     controlnets: int = 0  # ControlNets in the sampling loop (generation jobs)
+    optimization_effort: float = 0.0  # XLA's exec_time_optimization_effort the program was compiled with
 
     @property
     def per_device_bytes(self) -> int:
@@ -94,7 +95,8 @@ class Report:
             f"job {self.job} on {self.target} ({self.devices}): model {self.model}, {self.size}x{self.size}, "
             f"batch {self.batch}, {self.dtype}" + (f", {self.steps} steps" if self.job != "train-lora" else "")
             + (f", {self.controlnets} ControlNet(s)" if self.controlnets else ""),
-            f"compile: {self.compile_s:.1f} s on this machine",
+            f"compile: {self.compile_s:.1f} s on this machine"
+            + (f" (optimization effort {self.optimization_effort:g})" if self.optimization_effort else ""),
             f"memory per device: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
             f"outputs {gib(self.output_bytes)} (aliased {gib(self.alias_bytes)}), code {gib(self.code_bytes)}",
             f"total {gib(self.per_device_bytes)} of {gib(self.capacity_bytes)}: "
@@ -110,14 +112,16 @@ class Report:
 
 def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str = "sd15", size: int = 512,
                   batch: int | None = None, dtype: Any = "bfloat16", steps: int = 50, scheduler: str | None = None,
-                  attention: str | None = None, lora_rank: int = 8, controlnets: int = 0) -> Report:
+                  attention: str | None = None, lora_rank: int = 8, controlnets: int = 0,
+                  optimization_effort: float = 0.0) -> Report:
     """Compiles `job` for `target` with `model`'s shapes; see the module docstring.
 
     batch: images (or training examples) over all devices; default one per device. steps and scheduler:
     the sampling loop's length and sampler (default: the model's scheduler, PNDM for SD1.5). attention:
     an implementation for every layer (default: chosen per layer for the target). lora_rank: train-lora's.
     controlnets: generation jobs with this many ControlNets of the model's architecture in the loop
-    (`ControlNetConfig.from_unet`, as lllyasviel's SD1.5 ones).
+    (`ControlNetConfig.from_unet`, as lllyasviel's SD1.5 ones). optimization_effort: XLA's, in [-1, 1]
+    (`parallel.EFFORT_RANGE`: lower compiles faster, and runs slower by an amount this report cannot show).
     """
     if job not in JOBS:
         raise ValueError(f"job {job!r} is not known; choose one of {', '.join(JOBS)}")
@@ -135,6 +139,7 @@ def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str
         raise ValueError("controlnets: the train-lora job has no ControlNets (generation jobs only)")
     if attention is not None and attention not in layers.IMPLEMENTATIONS:
         raise ValueError(f"attention {attention!r} is not one of {', '.join(layers.IMPLEMENTATIONS)}")
+    effort = parallel.check_effort(optimization_effort)
     (clip_cfg, unet_cfg, vae_cfg), sched_dict = model_configs(model)
     if job == "inpaint" and unet_cfg.in_channels != 9:
         raise ValueError(f"job 'inpaint' compiles the 9-channel inpainting UNet; model {model!r} has "
@@ -159,11 +164,11 @@ def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str
     with layers.record_attention() as log:
         start = time.perf_counter()
         if job == "train-lora":
-            lowered = _lower_train_step(models, params, sched_cfg, mesh, batch, size, dtype, lora_rank)
+            lowered = _lower_train_step(models, params, sched_cfg, mesh, batch, size, dtype, lora_rank, effort)
         else:
             name = scheduler or schedulers.from_diffusers_config(sched_dict)
             lowered = _lower_generation(job, models, params, schedulers.create(name, sched_cfg, steps), mesh,
-                                        batch, size)
+                                        batch, size, effort)
         compiled = lowered.compile()
         seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
@@ -175,7 +180,8 @@ def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str
     return Report(job, target, targets.describe(mesh.devices.flat), model if isinstance(model, str) else str(model),
                   size, batch, jnp.dtype(dt).name, steps, seconds, int(mem.argument_size_in_bytes),
                   int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes),
-                  int(mem.generated_code_size_in_bytes), tgt.memory_bytes, list(log), flops, calls, controlnets)
+                  int(mem.generated_code_size_in_bytes), tgt.memory_bytes, list(log), flops, calls, controlnets,
+                  effort)
 
 
 def model_configs(model: str | Path) -> tuple[tuple[CLIPConfig, UNetConfig, VAEConfig], dict]:
@@ -206,7 +212,7 @@ def _shaped(tree: Any, sharding) -> Any:
 
 
 def _lower_generation(job: str, models: sampling.Models, params: dict, schedule: schedulers.Schedule, mesh,
-                      batch: int, size: int):
+                      batch: int, size: int, effort: float):
     b = parallel.padded_size(batch, mesh)
     shard, rep = parallel.batch_sharded(mesh), parallel.replicated(mesh)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=shard)  # noqa: E731
@@ -228,14 +234,14 @@ def _lower_generation(job: str, models: sampling.Models, params: dict, schedule:
         inputs.update({f"control_{i}": spec((b, size, size, 3), jnp.float32) for i in range(n)})
         control = {"scales": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=rep),
                    "keep": jax.ShapeDtypeStruct((n, schedule.num_calls), jnp.float32, sharding=rep)}
-    fn = pipeline.jit_job(models, mesh, job)
+    fn = pipeline.jit_job(models, mesh, job, effort)
     first = (scalar(jnp.int32),) if pipeline.JOBS[job].from_image else ()
     return fn.lower(params, _shaped(schedule, rep), inputs, scalar(jnp.float32), *first, control, use_cfg=True,
                     progress=None, **static)
 
 
 def _lower_train_step(models: sampling.Models, params: dict, sched_cfg, mesh, batch: int, size: int, dtype,
-                      rank: int):
+                      rank: int, effort: float):
     from sdjax import train_step
 
     b = parallel.padded_size(batch, mesh)
@@ -248,7 +254,7 @@ def _lower_train_step(models: sampling.Models, params: dict, sched_cfg, mesh, ba
     key = jax.eval_shape(lambda: jax.random.key(0))
     inputs = {"pixels": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=shard),
               "ids": jax.ShapeDtypeStruct((b, TOKENS), jnp.int32, sharding=shard)}
-    step = train_step.make_train_step(models, cfg, optimizer, mesh, sched_cfg)
+    step = train_step.make_train_step(models, cfg, optimizer, mesh, sched_cfg, optimization_effort=effort)
     return step.lower(_shaped(lora, rep), _shaped(opt_state, rep), params, inputs,
                       jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
 

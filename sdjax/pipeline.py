@@ -97,10 +97,12 @@ class Pipeline:
 
     def __init__(self, models: sampling.Models, params: dict, tokenizer: ClipTokenizer,
                  scheduler_config: dict, *, mesh=None, source: str = "", attention: str | None = None,
-                 safety_checker: Any = None):
+                 safety_checker: Any = None, optimization_effort: float = 0.0):
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         # Attention kernels chosen once, here, for the mesh's devices (`attention` overrides for every layer).
         self.models = models.for_mesh(self.mesh, attention)
+        # XLA's run time vs compile time trade for every job this pipeline compiles (`parallel.EFFORT_RANGE`).
+        self.optimization_effort = parallel.check_effort(optimization_effort)
         self.params = parallel.put_replicated(params, self.mesh)
         self.base_params = self.params  # without LoRAs; `set_loras` merges into a copy of these
         self.tokenizer = tokenizer
@@ -153,8 +155,9 @@ class Pipeline:
             configs = tuple(net.config for net in controls.nets)
             key = (job, configs)
             models = models.with_controlnets(tuple(ControlNet(c) for c in configs))
+        key = (key, self.optimization_effort)
         if key not in self._compiled:
-            self._compiled[key] = jit_job(models, self.mesh, job)
+            self._compiled[key] = jit_job(models, self.mesh, job, self.optimization_effort)
         return self._compiled[key]
 
     def _controlnet_params(self, controls: control_lib.Prepared) -> tuple:
@@ -425,13 +428,15 @@ JOBS = {
 }
 
 
-def jit_job(models: sampling.Models, mesh, job: str):
+def jit_job(models: sampling.Models, mesh, job: str, optimization_effort: float = 0.0):
     """The jitted function of a generation job (one of JOBS), as the pipeline runs it and `aot.compile_check`
     compiles it: (params, schedule, batch, guidance_scale[, first], *, use_cfg, clip_skip, progress, **static) ->
-    (pixels, final latents), both sharded over the mesh's batch axis."""
+    (pixels, final latents), both sharded over the mesh's batch axis. optimization_effort: XLA's
+    (`parallel.compiler_options`)."""
     return jax.jit(functools.partial(JOBS[job].fn, models),
                    static_argnames=("use_cfg", "clip_skip", "guess_mode", "progress", *JOBS[job].static),
-                   out_shardings=parallel.batch_sharded(mesh), compiler_options=parallel.compiler_options(mesh))
+                   out_shardings=parallel.batch_sharded(mesh),
+                   compiler_options=parallel.compiler_options(mesh, optimization_effort))
 
 
 def _per_image(prompts, images: Sequence):
@@ -681,7 +686,7 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
                   compilation_cache: str | os.PathLike | None = None, attention: str | None = None,
                   loras: Sequence[str | tuple[str | os.PathLike, float]] = (),
                   safety_checker: bool = True, config: str | os.PathLike | None = None,
-                  vae: str | os.PathLike | None = None) -> Pipeline:
+                  vae: str | os.PathLike | None = None, optimization_effort: float = 0.0) -> Pipeline:
     """A diffusers-format folder, hub id or single-file `.safetensors` checkpoint -> Pipeline with params of
     `dtype` replicated on every device.
 
@@ -697,6 +702,9 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     devices' platform (`layers.AttentionConfig`).
     loras: LoRA files merged into the weights (as `Pipeline.set_loras`): [(path, scale), ...] or "FILE[:SCALE]".
     safety_checker: run the checkpoint's `safety_checker/` (when it ships one) on every image; False skips it.
+    optimization_effort: XLA's effort at making the compiled jobs fast, in [-1, 1] (0: XLA's default). Lower
+    compiles faster: -0.5 compiles SD1.5 txt2img for TPU ~5x faster, at a run-time cost not yet measured
+    (`parallel.EFFORT_RANGE`).
 
     Everything cheap is checked before any weights are read: the arguments, the folder, the three component
     configs, the scheduler config, the tokenizer and every LoRA file against the configs (`lora.LoRAError`)."""
@@ -706,6 +714,7 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     if attention is not None and attention not in IMPLEMENTATIONS:
         raise ValueError(f"attention={attention!r} is not one of {', '.join(IMPLEMENTATIONS)} (or None: chosen "
                          "per layer for the devices)")
+    parallel.check_effort(optimization_effort)
     lora_list = _lora_specs(loras)
     folder = io.resolve_model(path_or_id, variant=variant, allow_file=True,
                               safety_checker=safety_checker is True)
@@ -759,7 +768,8 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     models = sampling.Models(TextEncoder(cfgs["text_encoder"], dtype=dtype), UNet(cfgs["unet"], dtype=dtype),
                              VAE(cfgs["vae"], dtype=dtype))
     mesh = parallel.make_mesh(devices)
-    pipe = Pipeline(models, params, tokenizer, sched, mesh=mesh, source=str(path_or_id), attention=attention)
+    pipe = Pipeline(models, params, tokenizer, sched, mesh=mesh, source=str(path_or_id), attention=attention,
+                    optimization_effort=optimization_effort)
     pipe.vae_name = vae_source.name if vae_source is not None else None
     _check_bools(safety_checker=safety_checker)
     found = safety.find(folder) if safety_checker else None  # on when the checkpoint ships safety_checker/

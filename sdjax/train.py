@@ -197,7 +197,8 @@ class StopSignals:
 def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
                resume: bool = True, progress: bool | None = None, max_steps: int | None = None,
                export: bool = True, compilation_cache: str | os.PathLike | None = None,
-               distributed: parallel.Distributed | None = None) -> TrainResult:
+               distributed: parallel.Distributed | None = None,
+               optimization_effort: float | None = None) -> TrainResult:
     """Trains a LoRA on a folder of captioned images (see `sdjax.data`) and writes into `out`:
     checkpoints/ (orbax; resumed from when resume=True), samples/ (every cfg.sample_every updates),
     metrics.jsonl (one line per micro-step) and lora.safetensors (`lora.save`, cfg.lora_format) at the end.
@@ -209,6 +210,8 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
     compilation_cache: as `load_pipeline`'s (turned on after the checks have passed).
     distributed: a multi-process run to join (`parallel.initialize`) once the checks that need no device have
     passed (see `check_run`); None: join nothing here (a single process, or one that joined already).
+    optimization_effort: XLA's effort at making the train step fast, in [-1, 1] (`parallel.EFFORT_RANGE`;
+    lower compiles faster); None: the pipeline's (0, XLA's default, for a model loaded here).
 
     Everything is checked before the model loads and before anything is written (`check_run`): ConfigError
     (a ValueError) names a bad setting or argument, InputError (a ValueError) data or a model that cannot be
@@ -217,6 +220,11 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
     from sdjax import pipeline as pipeline_lib
 
     out = Path(out)
+    if optimization_effort is not None:
+        try:
+            parallel.check_effort(optimization_effort)
+        except ValueError:
+            raise ConfigError("optimization_effort", f"{parallel.EFFORT_RULE}, got {optimization_effort!r}") from None
     checked = check_run(data_dir, model, out, cfg, resume=resume, max_steps=max_steps, distributed=distributed)
     # No process writes (out/, checkpoints, the latent cache) before every process has passed its checks, so a
     # process still checking `out` never sees another's first writes.
@@ -227,7 +235,8 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
         compilation_cache = None
     try:
         pipe = model if isinstance(model, pipeline_lib.Pipeline) else pipeline_lib.load_pipeline(
-            model, dtype=cfg.dtype, compilation_cache=compilation_cache)
+            model, dtype=cfg.dtype, compilation_cache=compilation_cache,
+            optimization_effort=optimization_effort or 0.0)
     except (OSError, ValueError) as e:
         raise InputError("model", f"could not load {str(model)!r}: {e}") from e
     pipe = pipe.astype(cfg.dtype)
@@ -238,7 +247,9 @@ def train_lora(data_dir: str | Path, model: Any, out: str | Path, cfg: TrainConf
         dataset = make_dataset(data_dir, cfg, pipe, out / "latent_cache.safetensors", folder=checked)
         state = (ckpt.restore_latest(state) if resume else None) or state
         _warn_changed(ckpt.restored_config, cfg)
-        step_fn = make_train_step(pipe.models, cfg, optimizer, pipe.mesh, pipe.scheduler_config)
+        effort = pipe.optimization_effort if optimization_effort is None else optimization_effort
+        step_fn = make_train_step(pipe.models, cfg, optimizer, pipe.mesh, pipe.scheduler_config,
+                                  optimization_effort=effort)
         state, losses, stopped_by = _loop(step_fn, state, pipe, dataset, ckpt, cfg, out, progress, max_steps)
     finally:
         ckpt.close()
@@ -586,7 +597,8 @@ def run_train_lora(args: argparse.Namespace) -> int:
         # check_run (inside) calls parallel.initialize(dist) after the cheap checks, before any device is used.
         result = train_lora(args.data, args.model, args.out, cfg, resume=not args.no_resume,
                             progress=False if args.no_progress else None,
-                            compilation_cache=process.default_cache_dir(), distributed=dist)
+                            compilation_cache=process.default_cache_dir(), distributed=dist,
+                            optimization_effort=getattr(args, "optimization_effort", None))
     except ConfigError as e:
         print(f"sdjax train-lora: error: {cli_flag(e.field)}: {e.message}", file=sys.stderr)
         return 2

@@ -308,11 +308,13 @@ def _latents(models: sampling.Models, params: dict, batch: dict, keys: jax.Array
 
 
 def make_train_step(models: sampling.Models, cfg: TrainConfig, optimizer: optax.GradientTransformation,
-                    mesh, scheduler_config: schedulers.SchedulerConfig) -> jax.stages.Wrapped:
+                    mesh, scheduler_config: schedulers.SchedulerConfig, *,
+                    optimization_effort: float = 0.0) -> jax.stages.Wrapped:
     """`train_step(lora, opt_state, base_params, batch, key) -> (lora, opt_state, metrics)`, jitted once.
 
     The batch is sharded over the mesh's "data" axis, everything else replicated; lora and opt_state buffers
     are donated; base_params are only read. metrics: {"loss", "grad_norm"} (before clipping).
+    optimization_effort: XLA's run time vs compile time trade (`parallel.compiler_options`).
     """
     models = models.for_mesh(mesh)  # attention kernels for the mesh's devices (keeps an explicit override)
     prediction_type = cfg.prediction_type or scheduler_config.prediction_type
@@ -330,4 +332,5 @@ def make_train_step(models: sampling.Models, cfg: TrainConfig, optimizer: optax.
 
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     return jax.jit(step, donate_argnums=(0, 1), in_shardings=(rep, rep, rep, shard, rep),
-                   out_shardings=(rep, rep, rep), compiler_options=parallel.compiler_options(mesh))
+                   out_shardings=(rep, rep, rep),
+                   compiler_options=parallel.compiler_options(mesh, optimization_effort))

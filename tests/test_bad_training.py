@@ -229,6 +229,7 @@ CLI_CASES = [
     ("out-not-writable", out_not_writable, [], 2, "--out"),
     ("out-checkpoints-is-a-file", out_checkpoints_file, [], 2, ("--out", "checkpoints")),
     ("out-has-checkpoints-no-resume", out_has_checkpoints, ["--no-resume"], 2, "--no-resume"),
+    ("optimization-effort-out-of-range", good, ["--optimization-effort", "-2"], 2, "--optimization-effort"),
     ("model-missing", model_missing, [], 1, "--model"),
     ("model-is-a-file", model_file, [], 1, "--model"),
     ("model-without-configs", model_without_configs, [], 1, ("--model", "config.json")),
@@ -298,6 +299,7 @@ API_CASES = [
     ("text-encoder-targets-with-cache", good, {"cfg": TrainConfig(resolution=64, targets="unet+te",
                                                                   cache_latents="mean")}, ConfigError, "cache_latents"),
     ("max-steps-0", good, {"max_steps": 0}, ConfigError, "max_steps"),
+    ("optimization-effort-2", good, {"optimization_effort": 2.0}, ConfigError, "optimization_effort"),
     ("model-missing", model_missing, {}, train.InputError, "model"),
     ("cfg-not-a-config", good, {"cfg": {"rank": 4}}, TypeError, None),
 ]

@@ -60,7 +60,7 @@ def test_image_depends_only_on_its_own_seed(pipe):
 def test_prompt_seed_and_guidance_changes_do_not_recompile(pipe):
     kw = dict(steps=3, height=64, width=64, scheduler="ddim", progress=False)
     pipe.txt2img(["one prompt", "another"], seeds=[1, 2], guidance_scale=7.5, **kw)
-    jitted = pipe._compiled["txt2img"]
+    jitted = pipe._jitted("txt2img")
     size = jitted._cache_size()
     with count_compiles() as compiles:
         a = pipe.txt2img(["a different prompt", "and more"], ["neg", ""], seeds=[3, 4], guidance_scale=5.0, **kw)
@@ -70,6 +70,26 @@ def test_prompt_seed_and_guidance_changes_do_not_recompile(pipe):
     with count_compiles() as compiles:  # a shape change does compile: the counter works
         pipe.txt2img(["one prompt", "another"], seeds=[1, 2], **{**kw, "steps": 4})
     assert compiles
+
+
+def test_optimization_effort_reaches_each_job(tiny_sd_folder, pipe, monkeypatch):
+    """load_pipeline(optimization_effort=) is checked first and compiles every job with it; on CPU it leaves
+    the images as they were."""
+    from sdjax import parallel
+    from sdjax import pipeline as sdp
+
+    with pytest.raises(ValueError, match=r"optimization_effort must be a number in \[-1, 1\] .*, got 3$"):
+        sdp.load_pipeline("no/such/model", optimization_effort=3)  # before the model is looked for
+    fast = sdp.load_pipeline(tiny_sd_folder, compilation_cache="off", optimization_effort=-0.5)
+    assert fast.optimization_effort == -0.5 and pipe.optimization_effort == 0.0
+    seen, real = [], parallel.compiler_options
+    monkeypatch.setattr(parallel, "compiler_options",
+                        lambda mesh, effort=0.0: seen.append(effort) or real(mesh, effort))
+    kw = dict(steps=3, height=64, width=64, scheduler="ddim", seeds=[5], progress=False)
+    got = fast.txt2img("a red cube", **kw).pixels
+    assert seen == [-0.5]
+    want = pipe.txt2img("a red cube", **kw).pixels
+    assert np.abs(got - want).max() <= 1e-4
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
