@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ class Report:
     custom_calls: list[str]
     controlnets: int = 0  # ControlNets in the sampling loop (generation jobs)
     optimization_effort: float = 0.0  # XLA's exec_time_optimization_effort the program was compiled with
+    # The TPU backend's own run-time estimate: the sum of its per-fusion `estimated_cycles` (a loop body counted
+    # once, as for flops); None where the compiled HLO carries none (GPU, CPU). A cost model, not a measurement.
+    estimated_cycles: int | None = None
 
     @property
     def per_device_bytes(self) -> int:
@@ -102,6 +106,9 @@ class Report:
             f"total {gib(self.per_device_bytes)} of {gib(self.capacity_bytes)}: "
             + ("fits" if self.fits else "DOES NOT FIT"),
         ]
+        if self.estimated_cycles:
+            lines.append(f"XLA's run-time estimate: {self.estimated_cycles / 1e6:.1f} M cycles per device (its cost "
+                         "model, loop bodies counted once)")
         if self.flops:
             per = self.flops * int(self.devices.split(" x ")[0]) / max(self.batch, 1)
             lines.append(f"XLA FLOPs per image: {per / 1e12:.2f} TFLOP (loop bodies counted once)")
@@ -181,7 +188,7 @@ def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str
                   size, batch, jnp.dtype(dt).name, steps, seconds, int(mem.argument_size_in_bytes),
                   int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes),
                   int(mem.generated_code_size_in_bytes), tgt.memory_bytes, list(log), flops, calls, controlnets,
-                  effort)
+                  effort, estimated_cycles(text))
 
 
 def model_configs(model: str | Path) -> tuple[tuple[CLIPConfig, UNetConfig, VAEConfig], dict]:
@@ -257,6 +264,13 @@ def _lower_train_step(models: sampling.Models, params: dict, sched_cfg, mesh, ba
     step = train_step.make_train_step(models, cfg, optimizer, mesh, sched_cfg, optimization_effort=effort)
     return step.lower(_shaped(lora, rep), _shaped(opt_state, rep), params, inputs,
                       jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
+
+
+def estimated_cycles(hlo_text: str) -> int | None:
+    """The sum of the `estimated_cycles` the TPU compiler writes into each fusion's backend config of a compiled
+    program's HLO text (None when there are none). No API exposes XLA's cost model, so its output is read here."""
+    found = re.findall(r'"estimated_cycles":"?(\d+)', hlo_text)
+    return sum(map(int, found)) if found else None
 
 
 def _custom_call_targets(hlo_text: str) -> list[str]:

@@ -64,6 +64,7 @@ def test_gpu_jobs_compile_with_cudnn_attention(job):
         assert rec["implementation"] in want, rec
     assert any(r["implementation"] == "cudnn" and r["k"][1] == LONG for r in report.attention)
     assert "__cudnn$fmhaSoftmax" in report.custom_calls
+    assert report.estimated_cycles is None  # XLA:GPU writes no cycle estimates into the HLO
 
 
 @pytest.mark.parametrize("target", ["tpu:v5e-4", "gpu:h100x2"])
@@ -109,6 +110,9 @@ def test_optimization_effort_reaches_xla():
     assert default.optimization_effort == 0.0 and fast.optimization_effort == -0.5
     assert fast.code_bytes < 0.9 * default.code_bytes and fast.fits
     assert "(optimization effort -0.5)" in fast.format() and "optimization effort" not in default.format()
+    # the TPU compiler's own run-time estimate (sum of its per-fusion cycle estimates) is reported for both
+    assert default.estimated_cycles > 0 and fast.estimated_cycles > 0
+    assert "XLA's run-time estimate:" in fast.format()
     assert fast.to_dict()["optimization_effort"] == -0.5
     train = check("train-lora", "tpu:v5e-1", optimization_effort=-1.0)  # the train step takes it too
     assert train.optimization_effort == -1.0 and train.code_bytes < default.code_bytes + fast.code_bytes
