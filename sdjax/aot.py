@@ -128,7 +128,8 @@ def compile_check(job: str = "txt2img", target: str = "tpu:v5e-8", *, model: str
     an implementation for every layer (default: chosen per layer for the target). lora_rank: train-lora's.
     controlnets: generation jobs with this many ControlNets of the model's architecture in the loop
     (`ControlNetConfig.from_unet`, as lllyasviel's SD1.5 ones). optimization_effort: XLA's, in [-1, 1]
-    (`parallel.EFFORT_RANGE`: lower compiles faster, and runs slower by an amount this report cannot show).
+    (`parallel.EFFORT_RANGE`: lower compiles faster and runs slower; on TPU `estimated_cycles` shows by how much
+    by XLA's cost model).
     """
     if job not in JOBS:
         raise ValueError(f"job {job!r} is not known; choose one of {', '.join(JOBS)}")

@@ -703,8 +703,8 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     loras: LoRA files merged into the weights (as `Pipeline.set_loras`): [(path, scale), ...] or "FILE[:SCALE]".
     safety_checker: run the checkpoint's `safety_checker/` (when it ships one) on every image; False skips it.
     optimization_effort: XLA's effort at making the compiled jobs fast, in [-1, 1] (0: XLA's default). Lower
-    compiles faster: -0.5 compiles SD1.5 txt2img for TPU ~5x faster, at a run-time cost not yet measured
-    (`parallel.EFFORT_RANGE`).
+    compiles faster and runs slower: -0.5 compiles SD1.5 txt2img for TPU ~6x faster, with ~1.7x the run time by
+    XLA's cost model (`parallel.EFFORT_RANGE`).
 
     Everything cheap is checked before any weights are read: the arguments, the folder, the three component
     configs, the scheduler config, the tokenizer and every LoRA file against the configs (`lora.LoRAError`)."""
