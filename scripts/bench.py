@@ -121,12 +121,13 @@ class SdjaxWorker:
 
         devices = self.jax.devices()[: self.a.devices] if self.a.devices else None
         self.pipe = sdjax.load_pipeline(self.a.model, dtype=self.a.dtype, devices=devices,
-                                        compilation_cache=self.a.cache_dir)
+                                        compilation_cache=self.a.cache_dir, conv=self.a.conv)
         self.controls = None
         if self.a.controlnets:
             net = sdjax.load_controlnet(self.a.controlnet, dtype=self.a.dtype)
             self.controls = [sdjax.Control(net, control_image(self.a.size))] * self.a.controlnets
         return {"backend": self.jax.default_backend(), "devices": [str(d) for d in self.pipe.mesh.devices.flat],
+                "conv": self.pipe.models.unet.attention.choose_conv(self.pipe.dtype),
                 "device_kind": self.jax.devices()[0].device_kind}
 
     def _micro_inputs(self):
@@ -149,14 +150,14 @@ class SdjaxWorker:
             "vae": (jnp.asarray(rng.standard_normal((b, h, w, m.latent_channels)), jnp.float32),),
         }
 
-    def _make_fns(self, attention=None):
-        """Fresh jitted functions (new lambdas, so nothing is reused from an earlier trace); `attention`
-        overrides the attention implementation of every layer."""
+    def _make_fns(self, attention=None, conv=None):
+        """Fresh jitted functions (new lambdas, so nothing is reused from an earlier trace); `attention` and
+        `conv` override the attention and convolution kernels of every layer."""
         from sdjax import sampling
 
         jax, m = self.jax, self.pipe.models
-        if attention is not None:
-            m = m.for_mesh(self.pipe.mesh, attention)
+        if attention is not None or conv is not None:
+            m = m.for_mesh(self.pipe.mesh, attention, conv)
         return {
             "clip": jax.jit(lambda p, ids: sampling.encode_text(m, p, ids)),
             "unet": jax.jit(lambda p, x, t, c: m.unet.apply({"params": p["unet"]}, x, t, c)),
@@ -211,7 +212,7 @@ class SdjaxWorker:
         a = self.a
         ids = jnp.asarray(self.pipe.tokenizer([PROMPT] * 2 * a.batch))
         out = {}
-        fns = self._make_fns(attention="xla")
+        fns = self._make_fns(attention="xla", conv="xla")  # custom calls (oneDNN) carry no FLOP count
         for part, args in (("clip", (ids,)), ("unet", self.args["unet"]), ("vae", self.args["vae"])):
             lowered = fns[part].lower(self.params, *args)
             # Some backends (jax 0.11 on GPU) have no cost analysis before compiling: ask the executable then.
@@ -393,7 +394,7 @@ def warm_main(a) -> None:
         import sdjax
 
         marks["imported"] = time.time()
-        pipe = sdjax.load_pipeline(a.model, dtype=a.dtype, compilation_cache=a.cache_dir,
+        pipe = sdjax.load_pipeline(a.model, dtype=a.dtype, compilation_cache=a.cache_dir, conv=a.conv,
                                    devices=jax.devices()[: a.devices] if a.devices else None)
         marks["loaded"] = time.time()
         events.clear()
@@ -461,6 +462,8 @@ class Worker:
 def _worker_argv(a) -> list[str]:
     argv = ["--model", str(a.model), "--size", str(a.size), "--steps", str(a.steps), "--batch", str(a.batch),
             "--dtype", a.dtype, "--cache-dir", str(a.cache_dir)]
+    if a.conv:
+        argv += ["--conv", a.conv]
     if a.devices:
         argv += ["--devices", str(a.devices)]
     if a.scheduler:
@@ -541,6 +544,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=1, help="images per call")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--conv", default=None, choices=("xla", "onednn"),
+                   help="sdjax's convolution kernel (default: its own choice, oneDNN's on CPU where installed)")
     p.add_argument("--devices", type=int, default=0, help="sdjax devices (0: all); on CPU, >1 simulates devices")
     p.add_argument("--cpu-devices", action="store_true", help="with --devices N on CPU: force N host devices")
     p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="default: the checkpoint's")

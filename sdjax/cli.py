@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from sdjax import controls as control_lib
 from sdjax import convert, images, pipeline, pngmeta, process
-from sdjax.layers import IMPLEMENTATIONS
+from sdjax.layers import CONV_KERNELS, IMPLEMENTATIONS
 from sdjax.pipeline import DEFAULT_MODEL, MAX_BATCH, MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_SEED, MAX_SIZE, MAX_STEPS
 from sdjax.schedulers import SCHEDULER_NAMES
 
@@ -129,6 +129,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-safety-checker", action="store_true",
                    help="do not run the checkpoint's safety checker (default: run it when the model folder has "
                         "safety_checker/; flagged images are written black)")
+    g.add_argument("--conv", default=None, choices=CONV_KERNELS,
+                   help="convolution kernel for every layer (default: oneDNN's on CPU where the cpu extra is "
+                        "installed, bf16 ~3x XLA's speed; XLA's elsewhere)")
     add_effort_option(g)
 
 
@@ -887,12 +890,15 @@ def load(args: argparse.Namespace, loras: Sequence[tuple[str, float]] = ()) -> A
                                       compilation_cache=args.cache_dir or process.default_cache_dir(),
                                       loras=list(loras), vae=getattr(args, "vae", None),
                                       safety_checker=not getattr(args, "no_safety_checker", False),
-                                      optimization_effort=args.optimization_effort)
-        if args.dtype != "float32" and parallel.platform(pipe.mesh) == "cpu":
+                                      optimization_effort=args.optimization_effort, conv=getattr(args, "conv", None))
+        kernels = pipe.models.unet.attention
+        if args.dtype != "float32" and parallel.platform(pipe.mesh) == "cpu" and kernels.choose_conv(
+                pipe.dtype) == "xla":
             # XLA:CPU computes half-precision convolutions in float32, converting weights on the way (README,
-            # benchmark section): slower than float32 and no smaller at run time.
-            print(f"sdjax: note: --dtype {args.dtype} on a CPU is slower than float32 (XLA:CPU runs half-precision "
-                  "convolutions in float32); use --dtype float32 for speed", file=sys.stderr)
+            # benchmark section): slower than float32 and no smaller at run time. oneDNN's bf16 kernels are not.
+            hint = ' (or install oneDNN: pip install -e ".[cpu]")' if args.dtype == "bfloat16" else ""
+            print(f"sdjax: note: --dtype {args.dtype} on a CPU is slower than float32 here (XLA:CPU runs "
+                  f"half-precision convolutions in float32); use --dtype float32 for speed{hint}", file=sys.stderr)
         return pipe
     except LoRAError as err:
         raise UsageError(f"--lora: {_one_line(str(err))}") from err

@@ -244,15 +244,16 @@ class ConditioningEmbedding(nn.Module):
     features: int
     channels: tuple[int, ...]
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()  # the kernels (convolutions)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        d = self.dtype
-        h = nn.silu(conv(self.channels[0], 3, "conv_in", d)(x))  # [B, H, W, c0]
+        d, k = self.dtype, self.attention
+        h = nn.silu(conv(self.channels[0], 3, "conv_in", d, config=k)(x))  # [B, H, W, c0]
         for i, (c_in, c_out) in enumerate(zip(self.channels[:-1], self.channels[1:])):
-            h = nn.silu(conv(c_in, 3, f"blocks_{2 * i}", d)(h))
-            h = nn.silu(conv(c_out, 3, f"blocks_{2 * i + 1}", d, stride=2)(h))  # halves H, W (padding 1, as torch)
-        return conv(self.features, 3, "conv_out", d)(h)  # no activation after the zero-initialised conv_out
+            h = nn.silu(conv(c_in, 3, f"blocks_{2 * i}", d, config=k)(h))
+            h = nn.silu(conv(c_out, 3, f"blocks_{2 * i + 1}", d, stride=2, config=k)(h))  # halves H, W (pad 1)
+        return conv(self.features, 3, "conv_out", d, config=k)(h)  # no activation after the zero-initialised conv_out
 
 
 class ControlNet(nn.Module):
@@ -278,8 +279,8 @@ class ControlNet(nn.Module):
         t_emb = timestep_embedding(t, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(d)  # [B, C0]
         temb = TimeEmbedding(4 * c0, dtype=d, name="time_embedding")(t_emb)  # [B, 4*C0]
 
-        h = conv(c0, 3, "conv_in", d)(x)  # [B, h, w, C0]
-        emb = ConditioningEmbedding(c0, cfg.conditioning_embedding_out_channels, d,
+        h = conv(c0, 3, "conv_in", d, config=self.attention)(x)  # [B, h, w, C0]
+        emb = ConditioningEmbedding(c0, cfg.conditioning_embedding_out_channels, d, self.attention,
                                     name="controlnet_cond_embedding")(cond)  # [B, h, w, C0]
         if emb.shape != h.shape:
             raise ValueError(
@@ -299,8 +300,9 @@ class ControlNet(nn.Module):
                      name="mid_block")(h, temb, context)  # [B, h/2**(n-1), w/2**(n-1), C_last]
 
         # The zero convolutions: one 1x1 conv per skip connection and one for the mid block.
-        down = [conv(s.shape[-1], 1, f"controlnet_down_blocks_{i}", d)(s) for i, s in enumerate(skips)]
-        mid = conv(h.shape[-1], 1, "controlnet_mid_block", d)(h)
+        down = [conv(s.shape[-1], 1, f"controlnet_down_blocks_{i}", d, config=self.attention)(s)
+                for i, s in enumerate(skips)]
+        mid = conv(h.shape[-1], 1, "controlnet_mid_block", d, config=self.attention)(h)
 
         scale = jnp.asarray(conditioning_scale, jnp.float32)
         scales = jnp.broadcast_to(scale, (len(down) + 1,))  # [len(down) + 1]

@@ -25,7 +25,7 @@ from sdjax import images as sdimages
 from sdjax import prompts as prompt_lib
 from sdjax.clip import TextEncoder
 from sdjax.controlnet import ControlNet
-from sdjax.layers import IMPLEMENTATIONS
+from sdjax.layers import IMPLEMENTATIONS, check_conv
 from sdjax.tokenizer import ClipTokenizer, load_tokenizer
 from sdjax.unet import UNet
 from sdjax.vae import VAE
@@ -97,10 +97,11 @@ class Pipeline:
 
     def __init__(self, models: sampling.Models, params: dict, tokenizer: ClipTokenizer,
                  scheduler_config: dict, *, mesh=None, source: str = "", attention: str | None = None,
-                 safety_checker: Any = None, optimization_effort: float = 0.0):
+                 safety_checker: Any = None, optimization_effort: float = 0.0, conv: str | None = None):
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
-        # Attention kernels chosen once, here, for the mesh's devices (`attention` overrides for every layer).
-        self.models = models.for_mesh(self.mesh, attention)
+        # Attention and convolution kernels chosen once, here, for the mesh's devices and the dtype (`attention`
+        # and `conv` override for every layer; on CPU this loads the oneDNN kernel for bfloat16).
+        self.models = models.for_mesh(self.mesh, attention, conv)
         # XLA's run time vs compile time trade for every job this pipeline compiles (`parallel.EFFORT_RANGE`).
         self.optimization_effort = parallel.check_effort(optimization_effort)
         self.params = parallel.put_replicated(params, self.mesh)
@@ -140,7 +141,7 @@ class Pipeline:
         cast = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, self.params)
         view = self.with_params(cast)
         view.base_params = view.params
-        view.models = self.models.astype(dtype)
+        view.models = self.models.astype(dtype).for_mesh(self.mesh)  # the kernels for the new dtype
         view.dtype = dtype
         view._compiled = {}  # other modules: their own jitted functions
         view._control_params = {}  # ControlNet params are cast to the pipeline's dtype: a cache per dtype
@@ -686,7 +687,8 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
                   compilation_cache: str | os.PathLike | None = None, attention: str | None = None,
                   loras: Sequence[str | tuple[str | os.PathLike, float]] = (),
                   safety_checker: bool = True, config: str | os.PathLike | None = None,
-                  vae: str | os.PathLike | None = None, optimization_effort: float = 0.0) -> Pipeline:
+                  vae: str | os.PathLike | None = None, optimization_effort: float = 0.0,
+                  conv: str | None = None) -> Pipeline:
     """A diffusers-format folder, hub id or single-file `.safetensors` checkpoint -> Pipeline with params of
     `dtype` replicated on every device.
 
@@ -705,6 +707,8 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     optimization_effort: XLA's effort at making the compiled jobs fast, in [-1, 1] (0: XLA's default). Lower
     compiles faster and runs slower: -0.5 compiles SD1.5 txt2img for TPU ~6x faster, with ~1.7x the run time by
     XLA's cost model (`parallel.EFFORT_RANGE`).
+    conv: "xla" or "onednn" for every convolution; None: oneDNN's kernel for bfloat16 on CPU where it is
+    installed (`sdjax.onednn`: ~3x XLA:CPU's speed, which runs bf16 convolutions in float32), else XLA's.
 
     Everything cheap is checked before any weights are read: the arguments, the folder, the three component
     configs, the scheduler config, the tokenizer and every LoRA file against the configs (`lora.LoRAError`)."""
@@ -715,6 +719,7 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
         raise ValueError(f"attention={attention!r} is not one of {', '.join(IMPLEMENTATIONS)} (or None: chosen "
                          "per layer for the devices)")
     parallel.check_effort(optimization_effort)
+    check_conv(conv)
     lora_list = _lora_specs(loras)
     folder = io.resolve_model(path_or_id, variant=variant, allow_file=True,
                               safety_checker=safety_checker is True)
@@ -769,7 +774,7 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
                              VAE(cfgs["vae"], dtype=dtype))
     mesh = parallel.make_mesh(devices)
     pipe = Pipeline(models, params, tokenizer, sched, mesh=mesh, source=str(path_or_id), attention=attention,
-                    optimization_effort=optimization_effort)
+                    optimization_effort=optimization_effort, conv=conv)
     pipe.vae_name = vae_source.name if vae_source is not None else None
     _check_bools(safety_checker=safety_checker)
     found = safety.find(folder) if safety_checker else None  # on when the checkpoint ships safety_checker/

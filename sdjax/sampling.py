@@ -56,11 +56,13 @@ class Models:
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def for_mesh(self, mesh: Mesh, implementation: str | None = None) -> Models:
-        """The models with attention kernels chosen for `mesh`'s devices (`layers.AttentionConfig.for_mesh`);
-        implementation overrides the choice for every layer (None keeps the models' own override, if any)."""
+    def for_mesh(self, mesh: Mesh, implementation: str | None = None, conv: str | None = None) -> Models:
+        """The models with attention (and, on CPU, convolution) kernels chosen for `mesh`'s devices and the models'
+        dtype (`layers.AttentionConfig.for_mesh`); implementation and conv override the choice for every layer
+        (None keeps the models' own override, if any)."""
         implementation = implementation or self.unet.attention.implementation
-        config = AttentionConfig.for_mesh(mesh, implementation)
+        conv = conv or self.unet.attention.conv
+        config = AttentionConfig.for_mesh(mesh, implementation, conv=conv, dtype=self.unet.dtype)
         return Models(self.text_encoder.clone(attention=config), self.unet.clone(attention=config),
                       self.vae.clone(attention=config), tuple(c.clone(attention=config) for c in self.controlnets))
 

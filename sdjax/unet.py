@@ -208,13 +208,14 @@ class DownBlock(nn.Module):
         skips = []
         for j in range(self.layers):
             h = ResnetBlock(self.channels, cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype,
-                            name=f"resnets_{j}")(h, temb)
+                            attention=self.attention, name=f"resnets_{j}")(h, temb)
             if self.with_attention:
                 h = _transformer(cfg, self.channels, self.heads, self.transformer_layers, self.dtype, self.attention,
                                  f"attentions_{j}")(h, context)
             skips.append(h)
         if self.with_downsample:
-            h = Downsample(self.channels, cfg.downsample_padding, dtype=self.dtype, name="downsamplers_0")(h)
+            h = Downsample(self.channels, cfg.downsample_padding, self.dtype, self.attention,
+                           name="downsamplers_0")(h)
             skips.append(h)
         return h, skips
 
@@ -235,7 +236,7 @@ class MidBlock(nn.Module):
 
         def resnet(j):
             return ResnetBlock(self.channels, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor,
-                               dtype=self.dtype, name=f"resnets_{j}")
+                               dtype=self.dtype, attention=self.attention, name=f"resnets_{j}")
 
         h = resnet(0)(h, temb)
         h = _transformer(cfg, self.channels, self.heads, self.transformer_layers, self.dtype, self.attention,
@@ -262,12 +263,12 @@ class UpBlock(nn.Module):
         for j in range(self.layers):
             h = jnp.concatenate([h, skips[-1 - j]], axis=-1)  # [B, H, W, C + Cskip]
             h = ResnetBlock(self.channels, cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype,
-                            name=f"resnets_{j}")(h, temb)
+                            attention=self.attention, name=f"resnets_{j}")(h, temb)
             if self.with_attention:
                 h = _transformer(cfg, self.channels, self.heads, self.transformer_layers, self.dtype, self.attention,
                                  f"attentions_{j}")(h, context)
         if self.with_upsample:
-            h = Upsample(self.channels, dtype=self.dtype, name="upsamplers_0")(h, upsample_size)
+            h = Upsample(self.channels, self.dtype, self.attention, name="upsamplers_0")(h, upsample_size)
         return h
 
 
@@ -312,7 +313,7 @@ class UNet(nn.Module):
         t_emb = timestep_embedding(t, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(d)  # [B, C0]
         temb = TimeEmbedding(4 * c0, dtype=d, name="time_embedding")(t_emb)  # [B, 4*C0]
 
-        h = conv(c0, 3, "conv_in", d)(x)
+        h = conv(c0, 3, "conv_in", d, config=self.attention)(x)
         skips = [h]
         n = len(cfg.block_out_channels)
         for i, ch in enumerate(cfg.block_out_channels):
@@ -345,4 +346,4 @@ class UNet(nn.Module):
                         name=f"up_blocks_{i}")(h, block_skips, temb, context, size)
 
         h = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", d)(h))
-        return conv(cfg.out_channels, 3, "conv_out", d)(h)
+        return conv(cfg.out_channels, 3, "conv_out", d, config=self.attention)(h)

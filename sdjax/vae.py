@@ -122,10 +122,12 @@ class MidBlock(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        h = ResnetBlock(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_0")(h)
+        h = ResnetBlock(self.channels, self.groups, 1e-6, dtype=self.dtype, attention=self.attention,
+                        name="resnets_0")(h)
         if self.with_attention:
             h = SpatialSelfAttention(self.groups, self.dtype, self.attention, name="attentions_0")(h)
-        return ResnetBlock(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_1")(h)
+        return ResnetBlock(self.channels, self.groups, 1e-6, dtype=self.dtype, attention=self.attention,
+                           name="resnets_1")(h)
 
 
 class ResnetStack(nn.Module):
@@ -136,15 +138,17 @@ class ResnetStack(nn.Module):
     groups: int
     resample: str | None  # "down", "up" or None
     dtype: Any = jnp.float32
+    attention: AttentionConfig = AttentionConfig()  # the kernels (convolutions)
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
+        d, k = self.dtype, self.attention
         for j in range(self.layers):
-            h = ResnetBlock(self.channels, self.groups, 1e-6, dtype=self.dtype, name=f"resnets_{j}")(h)
+            h = ResnetBlock(self.channels, self.groups, 1e-6, dtype=d, attention=k, name=f"resnets_{j}")(h)
         if self.resample == "down":
-            h = Downsample(self.channels, padding=0, dtype=self.dtype, name="downsamplers_0")(h)
+            h = Downsample(self.channels, padding=0, dtype=d, attention=k, name="downsamplers_0")(h)
         elif self.resample == "up":
-            h = Upsample(self.channels, dtype=self.dtype, name="upsamplers_0")(h)
+            h = Upsample(self.channels, dtype=d, attention=k, name="upsamplers_0")(h)
         return h
 
 
@@ -157,14 +161,14 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, d = self.config, self.dtype
         n = len(cfg.block_out_channels)
-        h = conv(cfg.block_out_channels[0], 3, "conv_in", d)(x)
+        h = conv(cfg.block_out_channels[0], 3, "conv_in", d, config=self.attention)(x)
         for i, ch in enumerate(cfg.block_out_channels):
             h = ResnetStack(ch, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None,
-                            dtype=d, name=f"down_blocks_{i}")(h)
+                            dtype=d, attention=self.attention, name=f"down_blocks_{i}")(h)
         h = MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, d,
                      self.attention, name="mid_block")(h)
         h = nn.silu(group_norm(cfg.norm_num_groups, 1e-6, "conv_norm_out", d)(h))
-        return conv(2 * cfg.latent_channels, 3, "conv_out", d)(h)
+        return conv(2 * cfg.latent_channels, 3, "conv_out", d, config=self.attention)(h)
 
 
 class Decoder(nn.Module):
@@ -176,14 +180,14 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg, d = self.config, self.dtype
         n = len(cfg.block_out_channels)
-        h = conv(cfg.block_out_channels[-1], 3, "conv_in", d)(z)
+        h = conv(cfg.block_out_channels[-1], 3, "conv_in", d, config=self.attention)(z)
         h = MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, d,
                      self.attention, name="mid_block")(h)
         for i, ch in enumerate(cfg.block_out_channels[::-1]):
             h = ResnetStack(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < n - 1 else None,
-                            dtype=d, name=f"up_blocks_{i}")(h)
+                            dtype=d, attention=self.attention, name=f"up_blocks_{i}")(h)
         h = nn.silu(group_norm(cfg.norm_num_groups, 1e-6, "conv_norm_out", d)(h))
-        return conv(cfg.out_channels, 3, "conv_out", d)(h)
+        return conv(cfg.out_channels, 3, "conv_out", d, config=self.attention)(h)
 
 
 class VAE(nn.Module):
@@ -205,9 +209,9 @@ class VAE(nn.Module):
         self.encoder = Encoder(cfg, d, self.attention)
         self.decoder = Decoder(cfg, d, self.attention)
         if cfg.use_quant_conv:
-            self.quant_conv = conv(2 * cfg.latent_channels, 1, "quant_conv", d)
+            self.quant_conv = conv(2 * cfg.latent_channels, 1, "quant_conv", d, config=self.attention)
         if cfg.use_post_quant_conv:
-            self.post_quant_conv = conv(cfg.latent_channels, 1, "post_quant_conv", d)
+            self.post_quant_conv = conv(cfg.latent_channels, 1, "post_quant_conv", d, config=self.attention)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         moments = self.encoder(x.astype(self.dtype))  # [B, h, w, 2L]
