@@ -95,6 +95,7 @@ def test_subprocess_random_seed_in_batches(tiny_sd_folder, cache_dir, tmp_path):
     (["--num-images", "0"], "--num-images"),
     (["--guidance-scale", "nan"], "--guidance-scale"),
     (["--optimization-effort", "-1.5"], "--optimization-effort"),
+    (["--conv", "winograd"], "--conv"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(tiny_sd_folder, tmp_path, capsys, args, flag):
     out = tmp_path / "out"

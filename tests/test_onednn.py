@@ -269,3 +269,26 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(onednn.OnednnUnavailable, match="building the oneDNN kernel failed"):
         onednn.build(tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_pipelines_choose_onednn_on_cpu(tiny_sd_folder):
+    """load_pipeline resolves the kernel once: bf16 and fp32 pipelines on CPU run oneDNN's convolutions (their
+    compiled jobs call it), `conv="xla"` keeps XLA's, `astype` re-resolves for the new dtype; a bf16 txt2img on
+    oneDNN gives XLA's bf16 image up to bf16 rounding."""
+    from sdjax import pipeline, sampling
+
+    def calls(pipe):
+        z = jnp.zeros((1, 8, 8, pipe.models.latent_channels), jnp.float32)
+        hlo = jax.jit(lambda p, z: sampling.decode(pipe.models, p, z)).lower(pipe.params, z).as_text()
+        return {t for t, _ in onednn.TARGETS.values() if t in hlo}
+
+    ours = pipeline.load_pipeline(tiny_sd_folder, dtype="bfloat16", compilation_cache="off")
+    xla = pipeline.load_pipeline(tiny_sd_folder, dtype="bfloat16", compilation_cache="off", conv="xla")
+    assert calls(ours) == {"sdjax_onednn_conv_bf16"} and calls(xla) == set()
+    assert calls(ours.astype("float32")) == {"sdjax_onednn_conv_f32"} and calls(ours.astype("float16")) == set()
+    kw = dict(steps=3, height=64, width=64, progress=False)
+    a = ours.txt2img("a red cube", seeds=1, **kw).pixels
+    b = xla.txt2img("a red cube", seeds=1, **kw).pixels
+    other = xla.txt2img("a red cube", seeds=2, **kw).pixels
+    assert np.abs(a - b).max() <= 0.05, np.abs(a - b).max()
+    assert np.abs(other - b).max() > 10 * np.abs(a - b).max()
