@@ -7,8 +7,9 @@ fine-tune's AdamW state (2 x UNet params x 4 bytes).
 Reports XLA's buffer accounting of the compiled step (arguments, outputs, temporaries) and host RSS (from
 /proc/self/status): after loading the pipeline, after compiling the step, and the peak while running steps
 (VmHWM reset after compiling through /proc/self/clear_refs, so the compiler's own peak is not counted). On an
-accelerator the RSS numbers describe the host side only. On CPU, XLA runs bfloat16 dots and convolutions in
-float32, so its temporaries include float32 copies of the weights that a GPU or TPU would not make.
+accelerator the RSS numbers describe the host side only. On CPU, XLA runs bfloat16 convolutions in float32, so
+its temporaries include float32 copies of the weights that a GPU or TPU would not make; `--conv onednn` (the
+default where the cpu extra is installed) runs them, and the input gradients, in bf16 through oneDNN instead.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main(argv=None) -> dict:
     p.add_argument("--targets", nargs="+", default=["unet"])
     p.add_argument("--mode", choices=("branch", "merge"), default="branch")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--conv", default=None, choices=("xla", "onednn"),
+                   help="convolution kernel (default: sdjax's choice, oneDNN's on CPU where installed)")
     p.add_argument("--steps", type=int, default=2, help="steps run after compiling (default: %(default)s)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -80,8 +83,10 @@ def main(argv=None) -> dict:
 
     report: dict = {"device": str(jax.devices()[0]), "resolution": args.resolution, "batch_size": args.batch_size,
                     "rank": args.rank, "mode": args.mode, "dtype": args.dtype, "rss_start_mib": rss_mib()}
+    report["conv"] = args.conv
     t0 = time.perf_counter()
-    pipe = pipeline.load_pipeline(args.model, dtype=args.dtype, compilation_cache="off")
+    pipe = pipeline.load_pipeline(args.model, dtype=args.dtype, compilation_cache="off", conv=args.conv)
+    report["conv"] = pipe.models.unet.attention.choose_conv(pipe.dtype)
     report["load_s"] = time.perf_counter() - t0
     report["rss_after_load_mib"] = rss_mib()
     cfg = train.TrainConfig(rank=args.rank, alpha=args.rank, targets=tuple(args.targets),
