@@ -392,7 +392,12 @@ def cache_encoders(pipe, cfg: TrainConfig) -> tuple[Callable, Callable]:
     In a multi-process run they compute on this process's first device only (no collective: processes encode
     independently, see `make_dataset`); in one process on the pipeline's mesh, as every other call."""
     models = pipe.models
-    params = parallel.local_copy(pipe.params) if jax.process_count() > 1 else pipe.params
+    params = pipe.params
+    if jax.process_count() > 1:
+        params = parallel.local_copy(params)
+        # Kernels for that one device: a kernel run per batch shard of the pipeline's (global) mesh would spread
+        # this process's encoding over every process (and its result would not be this process's to read).
+        models = models.for_mesh(parallel.make_mesh(jax.local_devices()[:1]))
     sample = cfg.cache_latents == "sample"
 
     @jax.jit
