@@ -121,15 +121,6 @@ def load(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
     return result
 
 
-def available(cache_dir: str | Path = DEFAULT_CACHE) -> bool:
-    """Whether the kernel can be used here (building and loading it if that has not happened yet)."""
-    try:
-        load(cache_dir)
-    except OnednnUnavailable:
-        return False
-    return True
-
-
 def reason_unavailable(cache_dir: str | Path = DEFAULT_CACHE) -> str | None:
     """None when the kernel can be used here (built and loaded), else what is missing."""
     try:
