@@ -136,8 +136,8 @@ class AttentionConfig:
 
 def check_conv(conv: str | None) -> str | None:
     if conv is not None and conv not in CONV_KERNELS:
-        raise ValueError(f"conv={conv!r} is not one of {', '.join(CONV_KERNELS)} (or None: oneDNN's for bf16 and fp32 "
-                         "on CPU where it is installed, else XLA's)")
+        raise ValueError(f"conv={conv!r} is not one of {', '.join(CONV_KERNELS)} (or None: oneDNN's for bf16 "
+                         "and fp32 on CPU where it is installed, else XLA's)")
     return conv
 
 
