@@ -4,12 +4,12 @@ Why a compiled kernel: XLA:CPU in jax 0.10 runs a bfloat16 convolution by conver
 results at float32 speed), so sdjax in bf16 was slower than its own float32, while oneDNN, the library torch's CPU
 convolutions use, has AVX512-BF16/AMX kernels: a 3x3 320-channel conv on 64x64 latents (CFG batch 2) takes 44 ms
 in XLA and 15 ms here, as in torch (measured on a 2-core EPYC with AVX512-BF16). Its float32 kernels beat XLA's
-too (31 vs 42 ms), but float32 keeps XLA's by default: that path is the one the parity suite pins to torch.
+too (31 vs 42 ms), so both dtypes use it by default where it is installed (`layers.AttentionConfig.choose_conv`).
 
 The kernel (csrc/onednn_conv.cc) is compiled on first use with the machine's C++ compiler against the oneDNN that
 the `cpu` extra installs (`pip install -e ".[cpu]"`: oneDNN's own wheels, x86-64 Linux) and jaxlib's FFI headers,
-into a cache folder keyed by a hash of everything it was built from; nothing happens at import. Gradients go
-run oneDNN's backward-data kernel for the input and XLA's convolution for the weights (`jax.custom_vjp`).
+into a cache folder keyed by a hash of everything it was built from; nothing happens at import. Gradients
+(`jax.custom_vjp`) run oneDNN's backward-data kernel for the input and XLA's convolution for the weights.
 """
 
 from __future__ import annotations

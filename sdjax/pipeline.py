@@ -100,7 +100,7 @@ class Pipeline:
                  safety_checker: Any = None, optimization_effort: float = 0.0, conv: str | None = None):
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         # Attention and convolution kernels chosen once, here, for the mesh's devices and the dtype (`attention`
-        # and `conv` override for every layer; on CPU this loads the oneDNN kernel for bfloat16).
+        # and `conv` override for every layer; on CPU this loads the oneDNN kernel for bfloat16 and float32).
         self.models = models.for_mesh(self.mesh, attention, conv)
         # XLA's run time vs compile time trade for every job this pipeline compiles (`parallel.EFFORT_RANGE`).
         self.optimization_effort = parallel.check_effort(optimization_effort)
@@ -707,8 +707,9 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     optimization_effort: XLA's effort at making the compiled jobs fast, in [-1, 1] (0: XLA's default). Lower
     compiles faster and runs slower: -0.5 compiles SD1.5 txt2img for TPU ~6x faster, with ~1.7x the run time by
     XLA's cost model (`parallel.EFFORT_RANGE`).
-    conv: "xla" or "onednn" for every convolution; None: oneDNN's kernel for bfloat16 on CPU where it is
-    installed (`sdjax.onednn`: ~3x XLA:CPU's speed, which runs bf16 convolutions in float32), else XLA's.
+    conv: "xla" or "onednn" for every convolution; None: oneDNN's kernel for bfloat16 and float32 on CPU where
+    it is installed (`sdjax.onednn`: bf16 ~3x XLA:CPU's speed, which runs bf16 convolutions in float32), else
+    XLA's.
 
     Everything cheap is checked before any weights are read: the arguments, the folder, the three component
     configs, the scheduler config, the tokenizer and every LoRA file against the configs (`lora.LoRAError`)."""
