@@ -12,7 +12,7 @@ not mix and neither pays for the other's imports); the parent drives both and in
 measurement, so load from other processes on the machine falls on both alike. Medians over `--repeats`.
 
 Measured per framework:
-  load        checkpoint -> pipeline ready in memory
+  load        checkpoint -> pipeline ready in memory (both workers idle, the files in the page cache)
   first_call  the first whole txt2img call (sdjax: trace + compile + run, with an empty compilation cache)
   compile     sdjax: trace + lower + XLA compile time of that first call (jax.monitoring events)
   clip        text encoding of the batch's prompts and negative prompts (tokenising included)
@@ -357,7 +357,9 @@ def worker_main(a) -> None:
             if op == "quit":
                 reply({"process_peak_rss": _process_peak(), "device_peak_bytes": w.device_peak()})
                 return
-            if op == "load":
+            if op == "ping":
+                reply({})
+            elif op == "load":
                 t0 = time.perf_counter()
                 info = w.load()
                 reply({"load_s": time.perf_counter() - t0, **info})
@@ -457,6 +459,15 @@ class Worker:
             res = {}
         self.proc.wait(timeout=120)
         return res
+
+
+def _read_files(folder: Path) -> None:
+    """Reads `folder` (a checkpoint folder or file) once, so that it is in the page cache."""
+    for path in [folder] if folder.is_file() else sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
 
 
 def _worker_argv(a) -> list[str]:
@@ -590,6 +601,12 @@ def main(argv=None) -> dict:
     try:
         for fw in frameworks:
             workers[fw] = Worker(fw, _worker_argv(a), _env(a, fw))
+        # Loads are timed on a quiet machine with the checkpoint in the page cache for both: every worker has
+        # finished its imports (the other one's torch or jax import would otherwise run beside the first load),
+        # and the files were read once here (the first load would otherwise pay the disk for both).
+        for fw in frameworks:
+            workers[fw].ask(op="ping")
+        _read_files(a.model)
         for fw in frameworks:
             info[fw].update(workers[fw].ask(op="load"))
             _log(f"{fw}: loaded in {info[fw].get('load_s', float('nan')):.1f} s")

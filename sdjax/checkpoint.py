@@ -87,16 +87,12 @@ def load(folder: str | os.PathLike, kind: str, *, dtype: Any = "float32", varian
         state = convert.strip_prefixes(state, k.prefixes)
     source = ", ".join(str(f) for f in files)
 
-    def to_device(a: np.ndarray) -> jax.Array:
-        # Half-precision files cast through float32 so e.g. fp16 -> bf16 rounds once, from the exact value.
-        return jnp.asarray(np.ascontiguousarray(a, dtype=np.float32), dtype=dtype)
-
     if abstract is None:
         abstract = abstract_params(kind, config)
     elif isinstance(abstract, concurrent.futures.Future):
         abstract = abstract.result()
     params = convert.to_params(state, k.rules(config), abstract, source=source, ignored=k.ignored,
-                               finalize=to_device)
+                               dtype=dtype, finalize=jax.device_put)
     return config, params
 
 

@@ -388,12 +388,8 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", variant: str | None
     state: Mapping[str, np.ndarray] = io.LazyTensors(files)  # one tensor in host memory at a time
     source = ", ".join(str(f) for f in files)
 
-    def to_device(a: np.ndarray) -> jax.Array:
-        # Half-precision files cast through float32 so e.g. fp16 -> bf16 rounds once (as checkpoint.load).
-        return jnp.asarray(np.ascontiguousarray(a, dtype=np.float32), dtype=dtype)
-
     params = convert.to_params(state, controlnet_rules(config), abstract_params(config), source=source,
-                               finalize=to_device)
+                               dtype=dtype, finalize=jax.device_put)
     return config, params
 
 

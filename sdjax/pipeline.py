@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import dataclasses
 import functools
@@ -757,20 +756,13 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     if compilation_cache is not None:
         process.enable_compilation_cache(compilation_cache)
     params = {}
-    # The components' abstract params (tracing each module's init: seconds for the UNet) are made in a thread
-    # while the previous component's tensors are read (I/O and copies that release the GIL).
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdjax-trace") as tracer:
-        shapes = {kind: tracer.submit(checkpoint.abstract_params, kind, cfgs[kind])
-                  for kind in ("text_encoder", "unet", "vae")
-                  if single is None and not (kind == "vae" and vae_source is not None)}
-        for kind in ("text_encoder", "unet", "vae"):
-            if kind == "vae" and vae_source is not None:
-                cfgs[kind], params[kind] = vae_source.config, vae_source.load(dtype)
-            elif single is not None:
-                params[kind] = single.load(kind, dtype)
-            else:
-                cfgs[kind], params[kind] = checkpoint.load(folder / kind, kind, dtype=dtype, variant=variant,
-                                                           abstract=shapes[kind])
+    for kind in ("text_encoder", "unet", "vae"):
+        if kind == "vae" and vae_source is not None:
+            cfgs[kind], params[kind] = vae_source.config, vae_source.load(dtype)
+        elif single is not None:
+            params[kind] = single.load(kind, dtype)
+        else:
+            cfgs[kind], params[kind] = checkpoint.load(folder / kind, kind, dtype=dtype, variant=variant)
     models = sampling.Models(TextEncoder(cfgs["text_encoder"], dtype=dtype), UNet(cfgs["unet"], dtype=dtype),
                              VAE(cfgs["vae"], dtype=dtype))
     mesh = parallel.make_mesh(devices)

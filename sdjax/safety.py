@@ -441,8 +441,7 @@ def load(folder: str | os.PathLike, *, dtype: Any = "float32") -> tuple[SafetyCo
     files = io.find_weights(folder, STEM)
     state = _renamed(io.LazyTensors(files))
     source = ", ".join(str(f) for f in files)
-    params = convert.to_params(state, rules(cfg), abstract_params(cfg), source=source, ignored=IGNORED,
-                               finalize=lambda a: np.ascontiguousarray(a, dtype=np.float32))
+    params = convert.to_params(state, rules(cfg), abstract_params(cfg), source=source, ignored=IGNORED)
     params = {k: v if k.endswith("_weights") else jax.tree.map(lambda a: jnp.asarray(a, dtype), v)
               for k, v in params.items()}
     return cfg, params

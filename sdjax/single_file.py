@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from sdjax import checkpoint, convert, io
@@ -293,13 +294,6 @@ def _configs_for(config: str | os.PathLike | None, state: io.LazyTensors, path: 
 
 # --- a whole checkpoint -------------------------------------------------------------------------------------------
 
-def _to_device(dtype: Any):
-    import jax.numpy as jnp
-
-    # As checkpoint.load: half-precision files cast through float32, so fp16 -> bf16 rounds once.
-    return lambda a: jnp.asarray(np.ascontiguousarray(a, dtype=np.float32), dtype=dtype)
-
-
 class SingleFile:
     """A single-file SD1.x checkpoint, opened and checked: configs found, every key and shape checked against the
     rule tables (from the header; no tensor read yet). `load(kind, dtype)` reads one component's params."""
@@ -343,8 +337,9 @@ class SingleFile:
     def load(self, kind: str, dtype: Any = "float32") -> Any:
         """One component's params (jnp arrays of `dtype`), each tensor checked finite as it is converted."""
         dtype = convert.parse_dtype(dtype)
-        return convert.to_params(self._view(kind), self.rules[kind], checkpoint.abstract_params(kind, self.configs[kind]),
-                                 source=str(self.path), ignored=self.ignored, finalize=_to_device(dtype))
+        abstract = checkpoint.abstract_params(kind, self.configs[kind])
+        return convert.to_params(self._view(kind), self.rules[kind], abstract, source=str(self.path),
+                                 ignored=self.ignored, dtype=dtype, finalize=jax.device_put)
 
 
 # --- a separate VAE -----------------------------------------------------------------------------------------------
@@ -362,7 +357,8 @@ class VAESource:
     def load(self, dtype: Any = "float32") -> Any:
         dtype = convert.parse_dtype(dtype)
         return convert.to_params(self._state, self._rules, checkpoint.abstract_params("vae", self.config),
-                                 source=str(self.path), ignored=VAE_IGNORED, finalize=_to_device(dtype))
+                                 source=str(self.path), ignored=VAE_IGNORED, dtype=dtype,
+                                 finalize=jax.device_put)
 
 
 def read_vae(path: str | os.PathLike, base: Any) -> VAESource:

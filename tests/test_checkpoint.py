@@ -178,3 +178,59 @@ def test_fields_that_do_not_change_the_architecture_are_accepted(vae_folder, tmp
     d.update({"force_upcast": False, "_class_name": "AutoencoderKL", "shift_factor": None})
     (folder / "config.json").write_text(json.dumps(d))
     assert checkpoint.load(folder, "vae")[0] == VAEConfig.tiny()
+
+
+# --- the fast layout change (convert.relayout) and the loader's memory -------------------------------------------
+
+RELAYOUT_CASES = [  # (transform, checkpoint shape): shapes that leave a partial last slab, and a wide one
+    ("conv", (37, 21, 3, 3)), ("conv", (300, 700, 1, 1)), ("linear", (1100, 45)), ("linear", (45, 1100)),
+    ("conv1x1_linear", (70, 50, 1, 1)), ("copy", (333,)), ("copy", (0,)), ("linear", (0, 12)),
+]
+
+
+@pytest.mark.parametrize("source,target", [("float32", "float32"), ("float32", "bfloat16"),
+                                           ("float16", "bfloat16"), ("bfloat16", "float32"),
+                                           ("float32", "float16")])
+@pytest.mark.parametrize("transform,shape", RELAYOUT_CASES)
+def test_relayout_equals_numpys_transpose_and_cast(transform, shape, source, target):
+    """The slab-by-slab copy gives exactly numpy's transpose; fp16 -> bf16 rounds once (through float32)."""
+    rng = np.random.default_rng(sum(shape))
+    tensor = rng.standard_normal(shape).astype(np.float32).astype(np.dtype(convert.parse_dtype(source)))
+    want = convert._TO_PYTREE[transform](tensor.astype(np.float32)).astype(np.dtype(convert.parse_dtype(target)))
+    scratch = io.Scratch()
+    got = convert.relayout(tensor, transform, convert.parse_dtype(target), scratch)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert io.is_aligned(got) and got.flags.writeable
+    np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
+    if transform != "copy" and tensor.size:  # sensitivity: a layout that is not the transpose would show
+        assert not np.array_equal(got.reshape(-1), want.astype(got.dtype).T.reshape(-1)) or got.ndim < 2
+        assert not np.shares_memory(got, tensor)
+        # the scratch memory is reused by the next tensor; the result must not live there
+        for buffer in scratch._buffers.values():
+            assert not np.shares_memory(got, buffer)
+
+
+def test_empty_aligned_small_and_mapped():
+    for shape, dtype in (((3, 5), np.float32), ((1 << 18, 2), np.float32), ((5,), np.uint16)):
+        array = io.empty_aligned(shape, dtype)
+        assert array.shape == shape and array.dtype == dtype and io.is_aligned(array) and array.flags.writeable
+        array[...] = 7
+        assert (array == 7).all()
+        # what the loader relies on: jax's CPU client adopts such an array instead of copying it
+        if jax.default_backend() == "cpu" and array.size:
+            assert jax.device_put(array).unsafe_buffer_pointer() == array.ctypes.data
+
+
+def test_loaded_params_are_aligned_and_exact(vae_folder):
+    """The params sit in aligned memory (which jax adopts on CPU: no second copy of the weights), and the loaded
+    values are the file's, transposed, whatever order the threads finished in and however scratch was reused."""
+    _, params = checkpoint.load(vae_folder, "vae")
+    state = safetensors.numpy.load_file(vae_folder / "diffusion_pytorch_model.safetensors")
+    kernel = params["decoder"]["conv_in"]["kernel"]
+    assert kernel.unsafe_buffer_pointer() % io.ARRAY_ALIGNMENT == 0
+    np.testing.assert_array_equal(np.asarray(kernel), state["decoder.conv_in.weight"].transpose(2, 3, 1, 0))
+    # every tensor, against a reader that knows nothing of scratch memory (a plain dict)
+    cfg = checkpoint.read_config(vae_folder, "vae")
+    expected = convert.to_params(state, convert.vae_rules(cfg), checkpoint.abstract_params("vae", cfg))
+    assert leaves_equal(params, expected)
+    assert not leaves_equal(params, jax.tree.map(lambda a: np.asarray(a) + 1, expected))
