@@ -1,11 +1,13 @@
-"""The oneDNN convolution kernel (sdjax/onednn.py, sdjax/csrc/onednn_conv.cc): parity with XLA's convolution and
-with the torch reference through the models, gradients, per-shard runs on a mesh, the kernel choice, the build.
+"""The oneDNN kernels (sdjax/onednn.py, sdjax/csrc/onednn_conv.cc and onednn_attention.cc): parity with XLA's
+convolution and attention and with the torch reference through the models, gradients, per-shard runs on a mesh,
+the kernel choice, the build.
 
 Needs oneDNN from the `cpu` extra and a C++ compiler (both part of the test extra on x86-64 Linux, where CI runs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -123,7 +125,8 @@ def _kernels(dtype=jnp.float32, conv="onednn"):
 
 
 def test_unet_and_vae_match_torch_on_onednn():
-    """The tiny UNet and VAE with every convolution on oneDNN match the torch reference (fp32, 1e-4)."""
+    """The tiny UNet and VAE with every convolution and every (non-causal) attention on oneDNN match the torch
+    reference (fp32, 1e-4)."""
     cfg = UNetConfig.tiny()
     torch_unet = ref.unet(cfg.to_diffusers(), seed=10)
     params = convert.to_params({k: v.numpy() for k, v in torch_unet.state_dict().items()}, convert.unet_rules(cfg),
@@ -132,9 +135,11 @@ def test_unet_and_vae_match_torch_on_onednn():
     x = rng.standard_normal((2, 16, 16, cfg.in_channels)).astype(np.float32)
     ctx = rng.standard_normal((2, 7, cfg.cross_attention_dim)).astype(np.float32)
     ts = np.array([500, 500], np.float32)
-    model = UNet(cfg, attention=_kernels())
+    kernels = dataclasses.replace(_kernels(), implementation="onednn")  # the tiny models' sequences are short
+    model = UNet(cfg, attention=kernels)
     apply = jax.jit(lambda p, x, c: model.apply({"params": p}, x, ts, c))
-    assert apply.lower(params, x, ctx).as_text().count("sdjax_onednn_conv_f32") >= 10
+    hlo = apply.lower(params, x, ctx).as_text()
+    assert hlo.count("sdjax_onednn_conv_f32") >= 10 and hlo.count("sdjax_onednn_attention_f32") >= 2
     ours = np.asarray(apply(params, x, ctx))
     theirs = ref.nhwc(torch_unet(ref.nchw(x), torch.from_numpy(ts), torch.from_numpy(ctx)).sample)
     assert ref.max_err(ours, theirs) <= TOL
@@ -144,7 +149,9 @@ def test_unet_and_vae_match_torch_on_onednn():
     torch_vae = ref.vae(vcfg.to_diffusers(), seed=11)
     vparams = convert.to_params({k: v.numpy() for k, v in torch_vae.state_dict().items()}, convert.vae_rules(vcfg),
                                 checkpoint.abstract_params("vae", vcfg))
-    vae = VAE(vcfg, attention=_kernels())
+    vae = VAE(vcfg, attention=kernels)
+    assert "sdjax_onednn_attention_f32" in jax.jit(lambda p, z: vae.apply({"params": p}, z, method=VAE.decode)).lower(
+        vparams, rng.standard_normal((2, 4, 4, vcfg.latent_channels)).astype(np.float32)).as_text()
     img = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     z = rng.standard_normal((2, 4, 4, vcfg.latent_channels)).astype(np.float32)
     mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=VAE.encode))(vparams, img)
@@ -182,7 +189,7 @@ def test_bfloat16_unet_on_onednn_matches_xla_within_bf16_rounding():
 
 
 def test_runs_per_shard_on_an_eight_device_mesh():
-    """On 8 CPU devices the kernel runs per batch shard (shard_map), giving the 1-device result."""
+    """On 8 CPU devices the kernels run per batch shard (shard_map), giving the 1-device result."""
     code = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
@@ -220,6 +227,15 @@ assert "sdjax_onednn_conv_bwd_data_f32" in grad8.lower(x, w, w2, w3).compile().a
 assert float(jnp.abs(grad8(x, w, w2, w3) - grad1(x, w, w2, w3)).max()) <= 1e-4
 assert len(out.sharding.device_set) == 8
 assert float(jnp.abs(out - one).max()) <= 1e-5
+# attention, per shard too
+qkv = [jnp.asarray(rng.standard_normal((8, 1100, 2, 40)), jnp.bfloat16) for _ in range(3)]
+batch = NamedSharding(mesh, P("data"))
+att8 = jax.jit(lambda *a: layers.attention(*a, config=layers.AttentionConfig("cpu", mesh=mesh, onednn=True)),
+               in_shardings=(batch,) * 3)
+hlo = att8.lower(*qkv).compile().as_text()
+assert "sdjax_onednn_attention_bf16" in hlo and "all-gather" not in hlo
+att1 = jax.jit(lambda *a: onednn.attention(*a))(*qkv)
+assert float(jnp.abs(att8(*qkv).astype(jnp.float32) - att1.astype(jnp.float32)).max()) == 0.0
 odd = jnp.ones((3, 12, 12, 64), jnp.float32)  # a batch that does not split over 8 devices: XLA's convolution
 assert "sdjax_onednn" not in jax.jit(lambda x: sharded(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)).lower(odd).as_text()
 print("OK")
@@ -227,6 +243,71 @@ print("OK")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
+
+
+# (batch, queries, keys, heads, head_dim): SD's self-attention head sizes; lengths that leave a partial block of
+# queries and are no multiple of anything; one head.
+ATTENTION_CASES = [(2, 300, 1100, 3, 40), (1, 130, 1030, 2, 80), (2, 64, 1024, 1, 160), (1, 5, 7, 2, 8)]
+
+
+def _qkv(case, dtype, seed=0):
+    b, lq, lk, h, d = case
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal(shape) * scale, dtype) for shape, scale in
+                 (((b, lq, h, d), 1.5), ((b, lk, h, d), 1.5), ((b, lk, h, d), 1.0)))
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_attention_matches_the_plain_form(case):
+    """float32: the plain XLA form's result to 1e-5 (summation order only); bfloat16: within what the blocked form
+    differs from the plain one (one rounding of the probabilities and of the output); the custom call is in the
+    program, and the output moves when any of q, k, v does."""
+    ours = jax.jit(lambda q, k, v: onednn.attention(q, k, v))
+    plain = jax.jit(lambda q, k, v: layers._attention_xla(q, k, v, False))
+    blocked = jax.jit(lambda q, k, v: layers._attention_blocked(q, k, v, False))
+    q, k, v = _qkv(case, jnp.float32)
+    assert "sdjax_onednn_attention_f32" in ours.lower(q, k, v).as_text()
+    want = np.asarray(plain(q, k, v))
+    np.testing.assert_allclose(np.asarray(ours(q, k, v)), want, atol=1e-5, rtol=0)
+    for i in range(3):  # sensitivity: each input matters
+        moved = list((q, k, v))
+        moved[i] = moved[i].at[0, 0].add(1.0)
+        assert np.abs(np.asarray(ours(*moved)) - want).max() > 1e-3
+    q, k, v = _qkv(case, jnp.bfloat16)
+    assert "sdjax_onednn_attention_bf16" in ours.lower(q, k, v).as_text()
+    want = np.asarray(plain(q, k, v).astype(jnp.float32))
+    bound = np.abs(np.asarray(blocked(q, k, v).astype(jnp.float32)) - want).max()
+    got = ours(q, k, v)
+    assert got.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(got.astype(jnp.float32)) - want).max() <= max(2 * bound, 2.0 ** -7)
+
+
+def test_attention_gradients_are_the_blocked_forms():
+    q, k, v = _qkv(ATTENTION_CASES[0], jnp.float32, seed=1)
+    loss = lambda attn: (lambda q, k, v: jnp.sum(jnp.sin(attn(q, k, v))))  # noqa: E731
+    ours = jax.jit(jax.grad(loss(lambda *a: layers._attention_onednn(*a, None, "data")), argnums=(0, 1, 2)))
+    blocked = jax.jit(jax.grad(loss(lambda *a: layers._attention_blocked(*a, False)), argnums=(0, 1, 2)))
+    for got, want in zip(ours(q, k, v), blocked(q, k, v), strict=True):
+        assert float(jnp.abs(want).max()) > 1e-3
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_attention_choice_on_cpu():
+    """Where the kernels are loaded, long self-attention runs oneDNN's (bf16 and fp32); short keys the plain
+    form; float16, a causal mask or a batch that does not split over the mesh the blocked form; never off CPU."""
+    cpu = _kernels(conv=None)
+    long, short = (2, 1024, 8, 40), (2, 77, 8, 40)
+    assert cpu.choose(long, long, jnp.bfloat16) == "onednn" == cpu.choose(long, long, jnp.float32)
+    assert cpu.choose(long, short, jnp.bfloat16) == "xla"
+    assert cpu.choose(long, long, jnp.float16) == "blocked"
+    assert layers.AttentionConfig("cpu").choose(long, long, jnp.bfloat16) == "blocked"  # not loaded
+    with layers.record_attention() as log:
+        q = jnp.zeros((1, 1024, 1, 8))
+        layers.attention(q, q, q, causal=True, config=cpu)
+        layers.attention(q, q, q, config=cpu)
+    assert [e["implementation"] for e in log] == ["blocked", "onednn"]
+    with pytest.raises(ValueError, match="'onednn' is a CPU kernel"):
+        layers.AttentionConfig("gpu", implementation="onednn")
 
 
 def test_kernel_choice():
@@ -265,7 +346,7 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
 
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(onednn, "SOURCE", broken)
+    monkeypatch.setattr(onednn, "SOURCES", (broken,))
     with pytest.raises(onednn.OnednnUnavailable, match="building the oneDNN kernel failed"):
         onednn.build(tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
