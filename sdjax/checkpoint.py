@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -75,8 +74,7 @@ def load(folder: str | os.PathLike, kind: str, *, dtype: Any = "float32", varian
     Everything is checked before any tensor is read: the config (`read_config`), the safetensors files (by the
     safetensors library), then every tensor's name, dtype (floating point) and shape against the architecture;
     then each tensor is checked to be finite as it is converted. Errors name the file (and field or tensor).
-    abstract: `abstract_params(kind, config)` when the caller has it already (or a future of it: `load_pipeline`
-    traces the next component while this one is read)."""
+    abstract: `abstract_params(kind, config)` when the caller has it already."""
     dtype = convert.parse_dtype(dtype)
     k = KINDS[kind]
     folder = Path(folder)
@@ -89,8 +87,6 @@ def load(folder: str | os.PathLike, kind: str, *, dtype: Any = "float32", varian
 
     if abstract is None:
         abstract = abstract_params(kind, config)
-    elif isinstance(abstract, concurrent.futures.Future):
-        abstract = abstract.result()
     params = convert.to_params(state, k.rules(config), abstract, source=source, ignored=k.ignored,
                                dtype=dtype, finalize=jax.device_put)
     return config, params

@@ -36,7 +36,9 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-SOURCES = (Path(__file__).parent / "csrc" / "onednn_conv.cc", Path(__file__).parent / "csrc" / "onednn_attention.cc")
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "onednn_conv.cc", CSRC / "onednn_attention.cc")  # compiled into one library
+HEADERS = (CSRC / "onednn_common.h",)
 DEFAULT_CACHE = Path.home() / ".cache" / "sdjax" / "kernels"
 # FFI target name per (direction, dtype), and the handler symbol the library exports for it.
 TARGETS = {("forward", jnp.dtype(jnp.bfloat16)): ("sdjax_onednn_conv_bf16", "SdjaxOnednnConvBF16"),
@@ -81,8 +83,8 @@ def build(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> Path:
     digest = hashlib.sha256()
     # -march=native: the library is built on the machine that runs it, so the key holds the CPU's features too
     # (a cache folder shared between machines gets one library per kind of CPU).
-    for part in (*(src.read_bytes() for src in SOURCES), jaxlib.__version__.encode(), str(libdnnl.resolve()).encode(),
-                 compiler.encode(), _cpu_features().encode()):
+    for part in (*(src.read_bytes() for src in SOURCES + HEADERS), jaxlib.__version__.encode(),
+                 str(libdnnl.resolve()).encode(), compiler.encode(), _cpu_features().encode()):
         digest.update(part)
     out = Path(cache_dir) / f"libsdjax_onednn-{digest.hexdigest()[:16]}.so"
     if out.is_file():

@@ -8,42 +8,29 @@
 // oneDNN's blocked layout on every call (they are call arguments, not constants).
 #include <cstdint>
 #include <exception>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
-#include "oneapi/dnnl/dnnl.hpp"
-#include "xla/ffi/api/ffi.h"
+#include "onednn_common.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
+using sdjax_onednn::Engine;
+using sdjax_onednn::OnednnType;
 
 namespace {
 
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
-// One primitive per (direction, type, shapes, strides, padding): creating a primitive descriptor picks the
-// implementation, which costs more than running a small convolution, so it is done once per shape and kept.
+// One plan per (direction, type, shapes, strides, padding).
 struct Plan {
   dnnl::primitive primitive;
   memory::desc in, out, weights, user_weights, scratchpad;  // in/out: x/y forward, dy/dx backward
   bool reorder_weights;
 };
 
-std::mutex plans_mu;
-std::map<std::vector<int64_t>, std::unique_ptr<Plan>>& Plans() {
-  static auto* plans = new std::map<std::vector<int64_t>, std::unique_ptr<Plan>>();
+sdjax_onednn::PlanCache<Plan>& Plans() {
+  static auto* plans = new sdjax_onednn::PlanCache<Plan>();
   return *plans;
-}
-
-template <ffi::DataType T>
-constexpr memory::data_type OnednnType() {
-  return T == ffi::DataType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
 }
 
 // x [N,H,W,C], w [KH,KW,C,O], y [N,OH,OW,O]: the forward primitive, or (backward) the one computing dx from dy.
@@ -95,15 +82,9 @@ ffi::Error Conv(ffi::Buffer<T> in, ffi::Buffer<T> w, ffi::ResultBuffer<T> out, i
   try {
     std::vector<int64_t> key = {Backward, static_cast<int64_t>(T), x[0], x[1], x[2], x[3], wv[0], wv[1], wv[3],
                                 y[1], y[2], stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right};
-    Plan* plan;
-    {
-      std::lock_guard<std::mutex> lock(plans_mu);
-      auto& slot = Plans()[key];
-      if (!slot) {
-        slot = MakePlan<T>(Backward, x, wv, y, {stride_h, stride_w}, {pad_top, pad_left}, {pad_bottom, pad_right});
-      }
-      plan = slot.get();
-    }
+    Plan* plan = Plans().Get(key, [&] {
+      return MakePlan<T>(Backward, x, wv, y, {stride_h, stride_w}, {pad_top, pad_left}, {pad_bottom, pad_right});
+    });
     dnnl::stream stream(Engine());
     memory in_mem(plan->in, Engine(), in.untyped_data());
     memory out_mem(plan->out, Engine(), out->untyped_data());
