@@ -131,7 +131,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "safety_checker/; flagged images are written black)")
     g.add_argument("--conv", default=None, choices=CONV_KERNELS,
                    help="convolution kernel for every layer (default: oneDNN's on CPU where the cpu extra is "
-                        "installed, bf16 ~3x XLA's speed; XLA's elsewhere)")
+                        "installed, bf16 ~3x XLA's speed; XLA's elsewhere); xla also keeps attention on XLA "
+                        "unless --attention onednn")
     add_effort_option(g)
 
 

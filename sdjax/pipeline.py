@@ -708,7 +708,8 @@ def load_pipeline(path_or_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any =
     XLA's cost model (`parallel.EFFORT_RANGE`).
     conv: "xla" or "onednn" for every convolution; None: oneDNN's kernel for bfloat16 and float32 on CPU where
     it is installed (`sdjax.onednn`: bf16 ~3x XLA:CPU's speed, which runs bf16 convolutions in float32), else
-    XLA's.
+    XLA's. The oneDNN library also brings its attention kernel (chosen per layer on CPU); conv="xla" leaves
+    attention to XLA too, unless attention="onednn".
 
     Everything cheap is checked before any weights are read: the arguments, the folder, the three component
     configs, the scheduler config, the tokenizer and every LoRA file against the configs (`lora.LoRAError`)."""
