@@ -178,14 +178,14 @@ def _backward_data(dy, w, x_shape, strides, padding):
     return _ffi_call("backward_data", dy, w, x_shape, strides, padding)
 
 
-def _per_shard(fn, mesh, axis, *args, replicated=(False,)):
-    """fn(*args) on `mesh`: XLA cannot partition a custom call (it would gather the batch onto every device), so it
-    runs per batch shard under shard_map (args split over `axis` but those `replicated` says, e.g. weights), as
-    the Pallas attention does."""
+def _per_shard(fn, mesh, axis, batched: tuple, replicated: tuple = ()):
+    """fn(*batched, *replicated) on `mesh`: XLA cannot partition a custom call (it would gather the batch onto every
+    device), so it runs per batch shard under shard_map, `batched` split over `axis` and `replicated` (weights)
+    whole on every device, as the Pallas attention does."""
     if mesh is None or mesh.shape[axis] == 1:
-        return fn(*args)
-    specs = tuple(P() if rep else P(axis) for rep, _ in zip(replicated + (False,) * len(args), args))
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(axis), check_vma=False)(*args)
+        return fn(*batched, *replicated)
+    specs = (P(axis),) * len(batched) + (P(),) * len(replicated)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(axis), check_vma=False)(*batched, *replicated)
 
 
 def _xla_conv(x, w, strides, padding):
@@ -194,8 +194,7 @@ def _xla_conv(x, w, strides, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, padding, mesh, axis):
-    return _per_shard(lambda xs, ws: _forward(xs, ws, strides, padding), mesh, axis, x, w,
-                      replicated=(False, True))
+    return _per_shard(lambda xs, ws: _forward(xs, ws, strides, padding), mesh, axis, (x,), (w,))
 
 
 def _conv_fwd(x, w, strides, padding, mesh, axis):
@@ -208,7 +207,7 @@ def _conv_bwd(strides, padding, mesh, axis, saved, g):
     x, w = saved
     g = g.astype(x.dtype)
     dx = _per_shard(lambda gs, ws: _backward_data(gs, ws, (gs.shape[0],) + x.shape[1:], strides, padding),
-                    mesh, axis, g, w, replicated=(False, True))
+                    mesh, axis, (g,), (w,))
     _, vjp = jax.vjp(lambda w: _xla_conv(x, w, strides, padding), w)
     (dw,) = vjp(g)
     return dx, dw
@@ -253,4 +252,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None = None
         out = jax.ShapeDtypeStruct(qs.shape, qs.dtype)
         return jax.ffi.ffi_call(target, out, vmap_method="sequential")(qs, ks, vs)
 
-    return _per_shard(kernel, mesh, axis, q, k, v)
+    return _per_shard(kernel, mesh, axis, (q, k, v))
