@@ -327,15 +327,25 @@ _SHARED = ("conv_in", "time_embedding", "down_blocks", "mid_block")  # the UNet'
 def controlnet_rules(cfg: ControlNetConfig) -> list[convert.Rule]:
     """diffusers ControlNetModel keys <-> the ControlNet params pytree (see sdjax.convert)."""
     # The UNet's own rules for what the ControlNet copies (its up path and output head dropped).
-    rules = [r for r in convert.unet_rules(cfg.unet_config()) if r.key.split(".")[0] in _SHARED]
-    e = "controlnet_cond_embedding"
-    rules += convert.conv(f"{e}.conv_in")
-    for i in range(2 * (len(cfg.conditioning_embedding_out_channels) - 1)):
-        rules += convert.conv(f"{e}.blocks.{i}")
-    rules += convert.conv(f"{e}.conv_out")
-    for i in range(cfg.num_down_residuals):
-        rules += convert.conv(f"controlnet_down_blocks.{i}")
-    return rules + convert.conv("controlnet_mid_block")
+    ucfg = cfg.unet_config()
+    rules = [r for r in convert.unet_rules(ucfg) if r.key.split(".")[0] in _SHARED]
+    e, emb, c0 = "controlnet_cond_embedding", cfg.conditioning_embedding_out_channels, ucfg.block_out_channels[0]
+    rules += convert.conv(f"{e}.conv_in", cfg.conditioning_channels, emb[0])
+    for i, (c_in, c_out) in enumerate(zip(emb[:-1], emb[1:])):
+        rules += convert.conv(f"{e}.blocks.{2 * i}", c_in, c_in) + convert.conv(f"{e}.blocks.{2 * i + 1}", c_in, c_out)
+    rules += convert.conv(f"{e}.conv_out", emb[-1], c0)
+    for i, ch in enumerate(_skip_channels(ucfg)):
+        rules += convert.conv(f"controlnet_down_blocks.{i}", ch, ch, 1)
+    return rules + convert.conv("controlnet_mid_block", ucfg.block_out_channels[-1], ucfg.block_out_channels[-1], 1)
+
+
+def _skip_channels(cfg: UNetConfig) -> list[int]:
+    """The channels of the UNet's skip connections, in the order the down path makes them."""
+    chans = cfg.block_out_channels
+    out = [chans[0]]
+    for i, ch in enumerate(chans):
+        out += [ch] * (cfg.layers_per_block + (i < len(chans) - 1))
+    return out
 
 
 def _dummy(cfg: ControlNetConfig) -> tuple[jax.Array, ...]:
@@ -346,8 +356,8 @@ def _dummy(cfg: ControlNetConfig) -> tuple[jax.Array, ...]:
 
 
 def abstract_params(cfg: ControlNetConfig) -> Any:
-    """The params pytree's shapes, from tracing `init` (no FLOPs, no memory)."""
-    return jax.eval_shape(ControlNet(cfg).init, jax.random.key(0), *_dummy(cfg))["params"]
+    """The params pytree's shapes (`convert.abstract` of the rule table: no tracing, no memory)."""
+    return convert.abstract(controlnet_rules(cfg))
 
 
 def read_config(folder: str | os.PathLike) -> ControlNetConfig:

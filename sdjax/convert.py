@@ -1,9 +1,12 @@
 """Checkpoint keys <-> parameter pytrees, through explicit rule tables checked against `jax.eval_shape(init)`.
 
-A rule says: checkpoint key K holds the leaf at pytree path P, after transform T (conv kernels OIHW -> HWIO,
-linear weights [out, in] -> [in, out], everything else as is). The tables are written from the architecture
-(the config), never guessed from names or ranks. Loading is strict: a key no rule claims, a rule whose key
-is absent, or a tensor of the wrong shape raises and names the key.
+A rule says: checkpoint key K holds the leaf at pytree path P, of shape S in the pytree, after transform T (conv
+kernels OIHW -> HWIO, linear weights [out, in] -> [in, out], everything else as is). The tables are written from
+the architecture (the config), never guessed from names or ranks. Loading is strict: a key no rule claims, a rule
+whose key is absent, or a tensor of the wrong shape raises and names the key.
+
+The shapes make a table its module's parameter list: `abstract(rules)` is what `jax.eval_shape(module.init)` gives
+(tests/test_convert_shapes.py holds every table to that), without tracing the module (1.5 s for SD1.5's three).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -40,6 +44,7 @@ class Rule:
     key: str  # the checkpoint key sdjax writes (the canonical one)
     path: tuple[str, ...]  # where the tensor lives in the params pytree
     transform: str  # "conv", "linear" or "copy"
+    shape: tuple[int, ...]  # the leaf's shape in the params pytree (HWIO, [in, out])
     aliases: tuple[str, ...] = ()  # other names the same tensor has in older checkpoints
 
 
@@ -64,138 +69,169 @@ def _path(prefix: str) -> tuple[str, ...]:
     return tuple(re.sub(r"\.(\d+)", r"_\1", prefix).split("."))
 
 
-def conv(prefix: str, path: tuple[str, ...] | None = None) -> list[Rule]:
+def conv(prefix: str, cin: int, cout: int, kernel: int = 3, path: tuple[str, ...] | None = None,
+         bias: bool = True) -> list[Rule]:
     p = path or _path(prefix)
-    return [Rule(f"{prefix}.weight", p + ("kernel",), "conv"), Rule(f"{prefix}.bias", p + ("bias",), "copy")]
+    rules = [Rule(f"{prefix}.weight", p + ("kernel",), "conv", (kernel, kernel, cin, cout))]
+    return rules + [Rule(f"{prefix}.bias", p + ("bias",), "copy", (cout,))] if bias else rules
 
 
-def linear(prefix: str, path: tuple[str, ...] | None = None, bias: bool = True, aliases=()) -> list[Rule]:
+def linear(prefix: str, din: int, dout: int, path: tuple[str, ...] | None = None, bias: bool = True,
+           aliases=()) -> list[Rule]:
     p = path or _path(prefix)
-    rules = [Rule(f"{prefix}.weight", p + ("kernel",), "linear", tuple(f"{a}.weight" for a in aliases))]
+    rules = [Rule(f"{prefix}.weight", p + ("kernel",), "linear", (din, dout), tuple(f"{a}.weight" for a in aliases))]
     if bias:
-        rules.append(Rule(f"{prefix}.bias", p + ("bias",), "copy", tuple(f"{a}.bias" for a in aliases)))
+        rules.append(Rule(f"{prefix}.bias", p + ("bias",), "copy", (dout,), tuple(f"{a}.bias" for a in aliases)))
     return rules
 
 
-def norm(prefix: str, path: tuple[str, ...] | None = None) -> list[Rule]:
+def norm(prefix: str, channels: int, path: tuple[str, ...] | None = None) -> list[Rule]:
     p = path or _path(prefix)
-    return [Rule(f"{prefix}.weight", p + ("scale",), "copy"), Rule(f"{prefix}.bias", p + ("bias",), "copy")]
+    return [Rule(f"{prefix}.weight", p + ("scale",), "copy", (channels,)),
+            Rule(f"{prefix}.bias", p + ("bias",), "copy", (channels,))]
 
 
-def embedding(prefix: str, path: tuple[str, ...]) -> list[Rule]:
-    return [Rule(f"{prefix}.weight", path + ("embedding",), "copy")]
+def embedding(prefix: str, path: tuple[str, ...], rows: int, dim: int) -> list[Rule]:
+    return [Rule(f"{prefix}.weight", path + ("embedding",), "copy", (rows, dim))]
 
 
-def resnet(prefix: str, in_ch: int, out_ch: int, temb: bool) -> list[Rule]:
-    rules = norm(f"{prefix}.norm1") + conv(f"{prefix}.conv1") + norm(f"{prefix}.norm2") + conv(f"{prefix}.conv2")
-    if temb:
-        rules += linear(f"{prefix}.time_emb_proj")
+def resnet(prefix: str, in_ch: int, out_ch: int, temb_dim: int | None) -> list[Rule]:
+    """`layers.ResnetBlock`; temb_dim: the time embedding's width (None: the VAE's blocks, which have none)."""
+    rules = norm(f"{prefix}.norm1", in_ch) + conv(f"{prefix}.conv1", in_ch, out_ch)
+    rules += norm(f"{prefix}.norm2", out_ch) + conv(f"{prefix}.conv2", out_ch, out_ch)
+    if temb_dim is not None:
+        rules += linear(f"{prefix}.time_emb_proj", temb_dim, out_ch)
     if in_ch != out_ch:
-        rules += conv(f"{prefix}.conv_shortcut")
+        rules += conv(f"{prefix}.conv_shortcut", in_ch, out_ch, kernel=1)
     return rules
 
 
-def spatial_transformer(prefix: str, layers: int, linear_projection: bool) -> list[Rule]:
-    proj = linear if linear_projection else conv
-    rules = norm(f"{prefix}.norm") + proj(f"{prefix}.proj_in") + proj(f"{prefix}.proj_out")
+def spatial_transformer(prefix: str, channels: int, layers: int, linear_projection: bool, context_dim: int
+                        ) -> list[Rule]:
+    """`layers.SpatialTransformer` with heads x head_dim = channels (the UNet's), GEGLU feed-forward of 4x."""
+    inner = channels
+    if linear_projection:
+        rules = linear(f"{prefix}.proj_in", channels, inner) + linear(f"{prefix}.proj_out", inner, channels)
+    else:
+        rules = conv(f"{prefix}.proj_in", channels, inner, 1) + conv(f"{prefix}.proj_out", inner, channels, 1)
+    rules = norm(f"{prefix}.norm", channels) + rules
     for i in range(layers):
         b = f"{prefix}.transformer_blocks.{i}"
-        for attn in ("attn1", "attn2"):
-            for qkv in ("to_q", "to_k", "to_v"):
-                rules += linear(f"{b}.{attn}.{qkv}", bias=False)
-            rules += linear(f"{b}.{attn}.to_out.0")
-        rules += norm(f"{b}.norm1") + norm(f"{b}.norm2") + norm(f"{b}.norm3")
-        rules += linear(f"{b}.ff.net.0.proj") + linear(f"{b}.ff.net.2")
+        for attn, kv_dim in (("attn1", inner), ("attn2", context_dim)):
+            rules += linear(f"{b}.{attn}.to_q", inner, inner, bias=False)
+            rules += linear(f"{b}.{attn}.to_k", kv_dim, inner, bias=False)
+            rules += linear(f"{b}.{attn}.to_v", kv_dim, inner, bias=False)
+            rules += linear(f"{b}.{attn}.to_out.0", inner, inner)
+        rules += norm(f"{b}.norm1", inner) + norm(f"{b}.norm2", inner) + norm(f"{b}.norm3", inner)
+        rules += linear(f"{b}.ff.net.0.proj", inner, 2 * 4 * inner) + linear(f"{b}.ff.net.2", 4 * inner, inner)
     return rules
 
 
 def unet_rules(cfg: UNetConfig) -> list[Rule]:
-    rules = conv("conv_in") + linear("time_embedding.linear_1") + linear("time_embedding.linear_2")
     chans = cfg.block_out_channels
-    n = len(chans)
-    skip_ch = [chans[0]]
-    prev = chans[0]
+    c0, n, temb, ctx = chans[0], len(chans), 4 * chans[0], cfg.cross_attention_dim
+    rules = conv("conv_in", cfg.in_channels, c0)
+    rules += linear("time_embedding.linear_1", c0, temb) + linear("time_embedding.linear_2", temb, temb)
+
+    def transformer(prefix: str, ch: int, block: int) -> list[Rule]:
+        return spatial_transformer(prefix, ch, cfg.transformer_layers[block], cfg.use_linear_projection, ctx)
+
+    skip_ch = [c0]
+    prev = c0
     for i, ch in enumerate(chans):
         attn = cfg.down_block_types[i] == "CrossAttnDownBlock2D"
         for j in range(cfg.layers_per_block):
-            rules += resnet(f"down_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch, temb=True)
+            rules += resnet(f"down_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch, temb)
             if attn:
-                rules += spatial_transformer(f"down_blocks.{i}.attentions.{j}", cfg.transformer_layers[i],
-                                             cfg.use_linear_projection)
+                rules += transformer(f"down_blocks.{i}.attentions.{j}", ch, i)
             skip_ch.append(ch)
         if i < n - 1:
-            rules += conv(f"down_blocks.{i}.downsamplers.0.conv")
+            rules += conv(f"down_blocks.{i}.downsamplers.0.conv", ch, ch)
             skip_ch.append(ch)
         prev = ch
-    rules += resnet("mid_block.resnets.0", chans[-1], chans[-1], temb=True)
-    rules += spatial_transformer("mid_block.attentions.0", cfg.transformer_layers[-1], cfg.use_linear_projection)
-    rules += resnet("mid_block.resnets.1", chans[-1], chans[-1], temb=True)
+    rules += resnet("mid_block.resnets.0", chans[-1], chans[-1], temb)
+    rules += transformer("mid_block.attentions.0", chans[-1], n - 1)
+    rules += resnet("mid_block.resnets.1", chans[-1], chans[-1], temb)
     prev = chans[-1]
     for i, ch in enumerate(chans[::-1]):
         block = n - 1 - i
         attn = cfg.up_block_types[i] == "CrossAttnUpBlock2D"
         for j in range(cfg.layers_per_block + 1):
-            rules += resnet(f"up_blocks.{i}.resnets.{j}", prev + skip_ch.pop(), ch, temb=True)
+            rules += resnet(f"up_blocks.{i}.resnets.{j}", prev + skip_ch.pop(), ch, temb)
             prev = ch
             if attn:
-                rules += spatial_transformer(f"up_blocks.{i}.attentions.{j}", cfg.transformer_layers[block],
-                                             cfg.use_linear_projection)
+                rules += transformer(f"up_blocks.{i}.attentions.{j}", ch, block)
         if i < n - 1:
-            rules += conv(f"up_blocks.{i}.upsamplers.0.conv")
-    return rules + norm("conv_norm_out") + conv("conv_out")
+            rules += conv(f"up_blocks.{i}.upsamplers.0.conv", ch, ch)
+    return rules + norm("conv_norm_out", c0) + conv("conv_out", c0, cfg.out_channels)
 
 
 def _vae_mid(prefix: str, ch: int, attention: bool) -> list[Rule]:
-    rules = resnet(f"{prefix}.resnets.0", ch, ch, temb=False) + resnet(f"{prefix}.resnets.1", ch, ch, temb=False)
+    rules = resnet(f"{prefix}.resnets.0", ch, ch, None) + resnet(f"{prefix}.resnets.1", ch, ch, None)
     if attention:
         a = f"{prefix}.attentions.0"
-        rules += norm(f"{a}.group_norm")
+        rules += norm(f"{a}.group_norm", ch)
         # diffusers < 0.14 named these query/key/value/proj_attn (and single-file exports as 1x1 convs).
         for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
-            rules += linear(f"{a}.{new}", aliases=(f"{a}.{old}",))
+            rules += linear(f"{a}.{new}", ch, ch, aliases=(f"{a}.{old}",))
     return rules
 
 
 def vae_rules(cfg: VAEConfig) -> list[Rule]:
     chans = cfg.block_out_channels
-    n = len(chans)
-    rules = conv("encoder.conv_in")
+    n, latent = len(chans), cfg.latent_channels
+    rules = conv("encoder.conv_in", cfg.in_channels, chans[0])
     prev = chans[0]
     for i, ch in enumerate(chans):
         for j in range(cfg.layers_per_block):
-            rules += resnet(f"encoder.down_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch, temb=False)
+            rules += resnet(f"encoder.down_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch, None)
         if i < n - 1:
-            rules += conv(f"encoder.down_blocks.{i}.downsamplers.0.conv")
+            rules += conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", ch, ch)
         prev = ch
     rules += _vae_mid("encoder.mid_block", chans[-1], cfg.mid_block_add_attention)
-    rules += norm("encoder.conv_norm_out") + conv("encoder.conv_out")
+    rules += norm("encoder.conv_norm_out", chans[-1]) + conv("encoder.conv_out", chans[-1], 2 * latent)
 
-    rules += conv("decoder.conv_in") + _vae_mid("decoder.mid_block", chans[-1], cfg.mid_block_add_attention)
+    rules += conv("decoder.conv_in", latent, chans[-1])
+    rules += _vae_mid("decoder.mid_block", chans[-1], cfg.mid_block_add_attention)
     prev = chans[-1]
     for i, ch in enumerate(chans[::-1]):
         for j in range(cfg.layers_per_block + 1):
-            rules += resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch, temb=False)
+            rules += resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch, None)
         if i < n - 1:
-            rules += conv(f"decoder.up_blocks.{i}.upsamplers.0.conv")
+            rules += conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", ch, ch)
         prev = ch
-    rules += norm("decoder.conv_norm_out") + conv("decoder.conv_out")
+    rules += norm("decoder.conv_norm_out", chans[0]) + conv("decoder.conv_out", chans[0], cfg.out_channels)
     if cfg.use_quant_conv:
-        rules += conv("quant_conv")
+        rules += conv("quant_conv", 2 * latent, 2 * latent, 1)
     if cfg.use_post_quant_conv:
-        rules += conv("post_quant_conv")
+        rules += conv("post_quant_conv", latent, latent, 1)
     return rules
 
 
 def clip_rules(cfg: CLIPConfig) -> list[Rule]:
-    rules = embedding("embeddings.token_embedding", ("token_embedding",))
-    rules += embedding("embeddings.position_embedding", ("position_embedding",))
+    d = cfg.hidden_size
+    rules = embedding("embeddings.token_embedding", ("token_embedding",), cfg.vocab_size, d)
+    rules += embedding("embeddings.position_embedding", ("position_embedding",), cfg.max_positions, d)
     for i in range(cfg.num_layers):
-        k, p = f"encoder.layers.{i}", (f"layers_{i}",)
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            rules += linear(f"{k}.self_attn.{name}", p + ("self_attn", name))
-        rules += norm(f"{k}.layer_norm1", p + ("layer_norm1",)) + norm(f"{k}.layer_norm2", p + ("layer_norm2",))
-        rules += linear(f"{k}.mlp.fc1", p + ("mlp_fc1",)) + linear(f"{k}.mlp.fc2", p + ("mlp_fc2",))
-    return rules + norm("final_layer_norm", ("final_layer_norm",))
+        rules += transformer_layer(f"encoder.layers.{i}", (f"layers_{i}",), d, cfg.intermediate_size)
+    return rules + norm("final_layer_norm", d, ("final_layer_norm",))
+
+
+def transformer_layer(key: str, path: tuple[str, ...], dim: int, hidden: int) -> list[Rule]:
+    """A transformers CLIP encoder layer (text or vision): pre-norm self-attention and MLP."""
+    rules: list[Rule] = []
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        rules += linear(f"{key}.self_attn.{name}", dim, dim, path + ("self_attn", name))
+    rules += norm(f"{key}.layer_norm1", dim, path + ("layer_norm1",))
+    rules += norm(f"{key}.layer_norm2", dim, path + ("layer_norm2",))
+    return rules + linear(f"{key}.mlp.fc1", dim, hidden, path + ("mlp_fc1",)) + linear(
+        f"{key}.mlp.fc2", hidden, dim, path + ("mlp_fc2",))
+
+
+def abstract(rules: list[Rule], dtype: Any = np.float32) -> dict:
+    """The params pytree a rule table describes, as `jax.ShapeDtypeStruct` leaves of `dtype` (what
+    `jax.eval_shape(module.init)` gives for the module the table was written for)."""
+    return traverse_util.unflatten_dict({r.path: jax.ShapeDtypeStruct(r.shape, dtype) for r in rules})
 
 
 # Checkpoint entries that are buffers, not parameters: present in some files, never needed.

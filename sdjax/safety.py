@@ -376,27 +376,25 @@ IGNORED = (re.compile(r"^vision_model\.embeddings\.position_ids$"),)  # a buffer
 
 def rules(cfg: SafetyConfig) -> list[convert.Rule]:
     """Checkpoint keys (transformers 5 layout) <-> SafetyChecker params."""
-    v = PREFIX
-    out = [convert.Rule(f"{v}embeddings.patch_embedding.weight", ("patch_embedding", "kernel"), "conv"),
-           convert.Rule(f"{v}embeddings.class_embedding", ("class_embedding",), "copy")]
-    out += convert.embedding(f"{v}embeddings.position_embedding", ("position_embedding",))
-    out += convert.norm(f"{v}pre_layrnorm", ("pre_layrnorm",))
+    v, d, proj = PREFIX, cfg.hidden_size, cfg.projection_dim
+    out = convert.conv(f"{v}embeddings.patch_embedding", cfg.num_channels, d, cfg.patch_size, ("patch_embedding",),
+                       bias=False)
+    out.append(convert.Rule(f"{v}embeddings.class_embedding", ("class_embedding",), "copy", (d,)))
+    out += convert.embedding(f"{v}embeddings.position_embedding", ("position_embedding",), cfg.num_positions, d)
+    out += convert.norm(f"{v}pre_layrnorm", d, ("pre_layrnorm",))
     for i in range(cfg.num_layers):
-        k, p = f"{v}encoder.layers.{i}", (f"layers_{i}",)
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            out += convert.linear(f"{k}.self_attn.{name}", p + ("self_attn", name))
-        out += convert.norm(f"{k}.layer_norm1", p + ("layer_norm1",)) + convert.norm(f"{k}.layer_norm2", p + ("layer_norm2",))
-        out += convert.linear(f"{k}.mlp.fc1", p + ("mlp_fc1",)) + convert.linear(f"{k}.mlp.fc2", p + ("mlp_fc2",))
-    out += convert.norm(f"{v}post_layernorm", ("post_layernorm",))
-    out += convert.linear("visual_projection", ("visual_projection",), bias=False)
-    for name in ("concept_embeds", "special_care_embeds", "concept_embeds_weights", "special_care_embeds_weights"):
-        out.append(convert.Rule(name, (name,), "copy"))
+        out += convert.transformer_layer(f"{v}encoder.layers.{i}", (f"layers_{i}",), d, cfg.intermediate_size)
+    out += convert.norm(f"{v}post_layernorm", d, ("post_layernorm",))
+    out += convert.linear("visual_projection", d, proj, ("visual_projection",), bias=False)
+    for name, shape in (("concept_embeds", (NUM_CONCEPTS, proj)), ("special_care_embeds", (NUM_SPECIAL, proj)),
+                        ("concept_embeds_weights", (NUM_CONCEPTS,)), ("special_care_embeds_weights", (NUM_SPECIAL,))):
+        out.append(convert.Rule(name, (name,), "copy", shape))
     return out
 
 
 def abstract_params(cfg: SafetyConfig) -> Any:
-    dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels))
-    return jax.eval_shape(SafetyChecker(cfg).init, jax.random.key(0), dummy)["params"]
+    """The params pytree's shapes (`convert.abstract` of the rule table: no tracing, no memory)."""
+    return convert.abstract(rules(cfg))
 
 
 def _renamed(state) -> convert.Renamed:

@@ -196,7 +196,7 @@ def rules(kind: str, cfg: Any, *, prefix: str | None = None, ema: bool = False) 
             transform = "conv1x1_linear"  # [O, I, 1, 1] in the file
         if kind == "unet" and ema:
             key = _ema_key(key)
-        out.append(convert.Rule(key, r.path, transform))
+        out.append(dataclasses.replace(r, key=key, transform=transform, aliases=()))
     if len({r.key for r in out}) != len(out):
         raise AssertionError(f"single-file {kind} table maps two parameters to one key")  # an sdjax bug
     return out

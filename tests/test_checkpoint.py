@@ -234,3 +234,72 @@ def test_loaded_params_are_aligned_and_exact(vae_folder):
     expected = convert.to_params(state, convert.vae_rules(cfg), checkpoint.abstract_params("vae", cfg))
     assert leaves_equal(params, expected)
     assert not leaves_equal(params, jax.tree.map(lambda a: np.asarray(a) + 1, expected))
+
+
+# ---- the rule tables' shapes are the modules' parameters ------------------------------------------------------------
+
+def _controlnet_cases():
+    from sdjax.controlnet import ControlNetConfig
+
+    return [("tiny", ControlNetConfig.tiny()), ("sd15", ControlNetConfig.sd15()),
+            ("4-channel hint, 3-stage embedding", ControlNetConfig.tiny(
+                conditioning_channels=4, conditioning_embedding_out_channels=(8, 16, 16))),
+            ("linear projection", ControlNetConfig.from_unet(UNetConfig.tiny(use_linear_projection=True)))]
+
+
+SHAPE_CASES = [
+    ("unet", "sd15", UNetConfig.sd15()),
+    ("unet", "inpaint", UNetConfig.sd15_inpaint()),
+    ("unet", "tiny", UNetConfig.tiny()),
+    # SD2.x: linear projections, 1024-wide context, per-block heads
+    ("unet", "sd2-like", UNetConfig.tiny(use_linear_projection=True, cross_attention_dim=48, heads=(2, 4, 4))),
+    ("unet", "deeper", UNetConfig.tiny(layers_per_block=1, transformer_layers=(2, 1, 3), out_channels=8,
+                                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))),
+    ("vae", "sd15", VAEConfig.sd15()),
+    ("vae", "tiny", VAEConfig.tiny()),
+    ("vae", "no quant convs, no mid attention", VAEConfig.tiny(use_quant_conv=False, use_post_quant_conv=False,
+                                                               mid_block_add_attention=False, latent_channels=16)),
+    ("vae", "two layers, 1 channel", VAEConfig.tiny(layers_per_block=2, in_channels=1, out_channels=1)),
+    ("text_encoder", "sd15", CLIPConfig.sd15()),
+    ("text_encoder", "tiny", CLIPConfig.tiny()),
+]
+
+
+def _leaves(tree) -> dict:
+    from flax import traverse_util
+
+    return {"/".join(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in traverse_util.flatten_dict(tree).items()}
+
+
+@pytest.mark.parametrize("kind,name,config", SHAPE_CASES, ids=[f"{k}-{n}" for k, n, _ in SHAPE_CASES])
+def test_rule_tables_describe_the_modules_parameters(kind, name, config):
+    """`abstract_params` (from the rule table, no tracing) equals `eval_shape` of the module's init: same paths,
+    shapes and dtypes; and it follows the config (a wider first block changes it)."""
+    from_rules = _leaves(checkpoint.abstract_params(kind, config))
+    assert from_rules == _leaves(checkpoint.traced_abstract_params(kind, config))
+    assert all(dtype == np.float32 for _, dtype in from_rules.values())
+    import dataclasses
+
+    field = "hidden_size" if kind == "text_encoder" else "block_out_channels"
+    wider = dataclasses.replace(config, **{field: 64 if field == "hidden_size" else
+                                           (config.block_out_channels[0] * 2,) + config.block_out_channels[1:]})
+    assert _leaves(checkpoint.abstract_params(kind, wider)) != from_rules
+
+
+@pytest.mark.parametrize("name,config", _controlnet_cases(), ids=[n for n, _ in _controlnet_cases()])
+def test_controlnet_rule_table_describes_its_parameters(name, config):
+    from sdjax import controlnet
+
+    traced = jax.eval_shape(controlnet.ControlNet(config).init, jax.random.key(0), *controlnet._dummy(config))
+    assert _leaves(controlnet.abstract_params(config)) == _leaves(traced["params"])
+
+
+@pytest.mark.parametrize("size", ["tiny", "sd15"])
+def test_safety_rule_table_describes_its_parameters(size):
+    from sdjax import safety
+
+    cfg = getattr(safety.SafetyConfig, size)()
+    pixels = jax.numpy.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels))
+    traced = jax.eval_shape(safety.SafetyChecker(cfg).init, jax.random.key(0), pixels)
+    assert _leaves(safety.abstract_params(cfg)) == _leaves(traced["params"])
