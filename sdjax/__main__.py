@@ -5,7 +5,6 @@ a Ctrl-C at any moment exits 130 with one line (`sdjax.process.exit_on_interrupt
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -13,9 +12,6 @@ def main() -> int:
     from sdjax import process
 
     process.exit_on_interrupt()
-    # transformers (used only for its tokenizers) logs an advisory on import when torch is absent, which is the
-    # normal install; the command line shows its own errors only. A user's own setting is kept.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from sdjax import cli
 
     return cli.main()

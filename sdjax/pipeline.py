@@ -224,7 +224,7 @@ class Pipeline:
         triggers: list[prompt_lib.Trigger] = []
         first = cfg.vocab_size
         for name, vecs in loaded.items():
-            ids = tuple(self.tokenizer.hf(name, add_special_tokens=False, verbose=False)["input_ids"])
+            ids = tuple(self.tokenizer.encode([name])[0])
             if not ids:
                 raise embeddings.EmbeddingError(f"embedding token {name!r} has no CLIP tokens; give a word")
             clash = next((t.token for t in triggers if t.ids == ids), None)

@@ -207,9 +207,9 @@ def tokenize(tokenizer: Any, text: str, syntax: str = "plain", triggers: Sequenc
         raise ValueError(f"prompt syntax must be one of {', '.join(SYNTAXES)}, got {syntax!r}")
     parsed: list[Segment | _Break] = [(text, 1.0)] if syntax == "plain" else parse(text, where, warn)
     texts = [seg[0] for seg in parsed if not isinstance(seg, _Break)]
-    encoded = iter(tokenizer.hf(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])
+    encoded = iter(tokenizer.encode(texts))
     chunk_len = tokenizer.max_length - 2
-    comma = tokenizer.hf.convert_tokens_to_ids(",</w>")
+    comma = tokenizer.token_id(",</w>")
     by_first: dict[int, list[Trigger]] = {}
     for t in sorted(triggers, key=lambda t: -len(t.ids)):  # longest match first, as A1111's embedding lookup
         by_first.setdefault(t.ids[0], []).append(t)

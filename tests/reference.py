@@ -130,10 +130,15 @@ def max_err(a, b) -> float:
 
 
 def tokenizer():
-    """The SD1.5 CLIP tokenizer as a transformers object (built from the vocabulary sdjax ships)."""
-    from sdjax.tokenizer import ClipTokenizer
+    """The SD1.5 CLIP tokenizer as a transformers object, built from the vocabulary sdjax ships (what
+    `sdjax.tokenizer.ClipTokenizer.sd15()` matches, tests/test_tokenizer.py)."""
+    from transformers import CLIPTokenizer
 
-    return ClipTokenizer.sd15().hf
+    from sdjax.tokenizer import CLIP_EOS, CLIP_MAX_LENGTH, clip_vocab_and_merges
+
+    vocab, merges = clip_vocab_and_merges()
+    # transformers annotates merges as list[str]; its tokenizers BPE takes the (a, b) pairs passed here
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=CLIP_EOS, model_max_length=CLIP_MAX_LENGTH)
 
 
 def tiny_pipeline(seed: int = 0, scheduler: str = "PNDMScheduler", unet_config=None):

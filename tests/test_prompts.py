@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import warnings
 
 import numpy as np
@@ -108,8 +109,14 @@ def test_unbalanced_warning_names_the_position():
 
 # ------------------------------------------------------------------------------------------------ chunking
 
+@functools.lru_cache(maxsize=1)
+def _hf_tokenizer():
+    return ref.tokenizer()
+
+
 def _hf_ids(tok, text):
-    return tok.hf(text, add_special_tokens=False)["input_ids"]
+    """transformers' CLIPTokenizer ids of `text` (no bos/eos), the reference the chunks are held to."""
+    return _hf_tokenizer()(text, add_special_tokens=False)["input_ids"]
 
 
 def _chunk(tok, ids):
