@@ -150,14 +150,14 @@ class SdjaxWorker:
             "vae": (jnp.asarray(rng.standard_normal((b, h, w, m.latent_channels)), jnp.float32),),
         }
 
-    def _make_fns(self, attention=None, conv=None):
+    def _make_fns(self, attention=None, conv=None, mesh=None):
         """Fresh jitted functions (new lambdas, so nothing is reused from an earlier trace); `attention` and
-        `conv` override the attention and convolution kernels of every layer."""
+        `conv` override the attention and convolution kernels of every layer, `mesh` the devices they are for."""
         from sdjax import sampling
 
         jax, m = self.jax, self.pipe.models
-        if attention is not None or conv is not None:
-            m = m.for_mesh(self.pipe.mesh, attention, conv)
+        if attention is not None or conv is not None or mesh is not None:
+            m = m.for_mesh(self.pipe.mesh if mesh is None else mesh, attention, conv)
         return {
             "clip": jax.jit(lambda p, ids: sampling.encode_text(m, p, ids)),
             "unet": jax.jit(lambda p, x, t, c: m.unet.apply({"params": p["unet"]}, x, t, c)),
@@ -204,19 +204,30 @@ class SdjaxWorker:
 
     def flops(self):
         """FLOPs per image from XLA's cost analysis of each component, attention in its plain form (a blocked
-        attention's `scan` body would be counted once, not once per key block)."""
+        attention's `scan` body would be counted once, not once per key block).
+
+        Always counted on the CPU's lowering of the same programs, whatever the backend: custom calls carry no
+        FLOP count, and a GPU executable's analysis leaves out every cuDNN convolution (jax 0.11 on an H200 gave
+        0.17 TFLOP for a UNet call of 1.58), while the program's arithmetic does not depend on the device."""
         import jax.numpy as jnp
 
+        from sdjax import parallel
+
+        jax = self.jax
         if not hasattr(self, "fns"):
             self._micro_inputs()
         a = self.a
+        cpu = jax.devices("cpu")[0]
+        fns = self._make_fns(attention="xla", conv="xla", mesh=parallel.make_mesh([cpu]))
+
+        def on_cpu(tree):
+            sharding = jax.sharding.SingleDeviceSharding(cpu)
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
         ids = jnp.asarray(self.pipe.tokenizer([PROMPT] * 2 * a.batch))
         out = {}
-        fns = self._make_fns(attention="xla", conv="xla")  # custom calls (oneDNN) carry no FLOP count
         for part, args in (("clip", (ids,)), ("unet", self.args["unet"]), ("vae", self.args["vae"])):
-            lowered = fns[part].lower(self.params, *args)
-            # Some backends (jax 0.11 on GPU) have no cost analysis before compiling: ask the executable then.
-            cost = _first(lowered.cost_analysis()) or _first(lowered.compile().cost_analysis()) or {}
+            cost = _first(fns[part].lower(*on_cpu((self.params, *args))).cost_analysis()) or {}
             out[part] = float(cost.get("flops", 0.0))
         calls = _unet_calls(a.scheduler or "pndm", a.steps)
         per_image = (out["clip"] + calls * out["unet"] + out["vae"]) / a.batch
