@@ -351,16 +351,37 @@ def layer_norm(eps: float, name: str, dtype: Dtype) -> nn.LayerNorm:
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, padding=None,
-         config: AttentionConfig = AttentionConfig()) -> nn.Conv:
+         config: AttentionConfig = AttentionConfig()) -> nn.Module:
     """nn.Conv (NHWC, HWIO kernel named as the checkpoint's) running `config.choose_conv(dtype)`'s kernel."""
     pad = kernel // 2 if padding is None else padding
     if isinstance(pad, int):
         pad = ((pad, pad), (pad, pad))
-    extra = {}
     if config.choose_conv(dtype) == "onednn":
-        extra["conv_general_dilated"] = onednn.conv_general_dilated_fn(config.mesh, config.axis)
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype, name=name,
-                   **extra)
+        return OnednnConv(features, kernel, stride, pad, dtype, config, name=name)
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype, name=name)
+
+
+class OnednnConv(nn.Module):
+    """nn.Conv's parameters (kernel [K, K, C, O], lecun-normal; bias [O], zeros) and result, computed by the oneDNN
+    kernel with the bias added inside it (`onednn.conv2d`): XLA then has one result buffer to hand to every consumer,
+    where a bias added after the custom call was fused into each consumer as a copy of its own (see
+    csrc/onednn_conv.cc)."""
+
+    features: int
+    kernel: int
+    stride: int
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    dtype: Dtype
+    config: AttentionConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H', W', O]
+        k = self.kernel
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return onednn.conv2d(x, kernel, bias, (self.stride, self.stride), self.padding, self.config.mesh,
+                             self.config.axis)
 
 
 def _dot_f32_accumulate(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

@@ -43,6 +43,8 @@ DEFAULT_CACHE = Path.home() / ".cache" / "sdjax" / "kernels"
 # FFI target name per (direction, dtype), and the handler symbol the library exports for it.
 TARGETS = {("forward", jnp.dtype(jnp.bfloat16)): ("sdjax_onednn_conv_bf16", "SdjaxOnednnConvBF16"),
            ("forward", jnp.dtype(jnp.float32)): ("sdjax_onednn_conv_f32", "SdjaxOnednnConvF32"),
+           ("forward_bias", jnp.dtype(jnp.bfloat16)): ("sdjax_onednn_conv_bias_bf16", "SdjaxOnednnConvBiasBF16"),
+           ("forward_bias", jnp.dtype(jnp.float32)): ("sdjax_onednn_conv_bias_f32", "SdjaxOnednnConvBiasF32"),
            ("backward_data", jnp.dtype(jnp.bfloat16)): ("sdjax_onednn_conv_bwd_data_bf16",
                                                         "SdjaxOnednnConvBackwardDataBF16"),
            ("backward_data", jnp.dtype(jnp.float32)): ("sdjax_onednn_conv_bwd_data_f32",
@@ -156,26 +158,29 @@ def _out_hw(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
     return (size + pad[0] + pad[1] - kernel) // stride + 1
 
 
-def _ffi_call(direction: str, a: jax.Array, w: jax.Array, out_shape: tuple[int, ...], strides, padding):
+def _ffi_call(direction: str, operands: tuple[jax.Array, ...], out_shape: tuple[int, ...], strides, padding):
+    a = operands[0]
     target, _ = TARGETS[direction, jnp.dtype(a.dtype)]
     # vmap_method: a batched call (nothing in sdjax vmaps a conv) runs the kernel once per batch element.
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, a.dtype), vmap_method="sequential")
     i64 = np.int64
-    return call(a, w, stride_h=i64(strides[0]), stride_w=i64(strides[1]), pad_top=i64(padding[0][0]),
+    return call(*operands, stride_h=i64(strides[0]), stride_w=i64(strides[1]), pad_top=i64(padding[0][0]),
                 pad_bottom=i64(padding[0][1]), pad_left=i64(padding[1][0]), pad_right=i64(padding[1][1]))
 
 
-def _forward(x, w, strides, padding):
-    """x [N, H, W, C], w [KH, KW, C, O] of one dtype -> y [N, OH, OW, O]."""
+def _forward(x, w, b, strides, padding):
+    """x [N, H, W, C], w [KH, KW, C, O], b [O] or None, of one dtype -> y [N, OH, OW, O]."""
     n, h, wd, _ = x.shape
     kh, kw, _, o = w.shape
     shape = (n, _out_hw(h, kh, strides[0], padding[0]), _out_hw(wd, kw, strides[1], padding[1]), o)
-    return _ffi_call("forward", x, w, shape, strides, padding)
+    if b is None:
+        return _ffi_call("forward", (x, w), shape, strides, padding)
+    return _ffi_call("forward_bias", (x, w, b), shape, strides, padding)
 
 
 def _backward_data(dy, w, x_shape, strides, padding):
     """dy [N, OH, OW, O], w [KH, KW, C, O] -> dx [N, H, W, C] (the gradient through the input)."""
-    return _ffi_call("backward_data", dy, w, x_shape, strides, padding)
+    return _ffi_call("backward_data", (dy, w), x_shape, strides, padding)
 
 
 def _per_shard(fn, mesh, axis, batched: tuple, replicated: tuple = ()):
@@ -192,25 +197,29 @@ def _xla_conv(x, w, strides, padding):
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv(x, w, strides, padding, mesh, axis):
-    return _per_shard(lambda xs, ws: _forward(xs, ws, strides, padding), mesh, axis, (x,), (w,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _conv(x, w, b, strides, padding, mesh, axis):
+    """b: the bias [O], added by the kernel, or None."""
+    if b is None:
+        return _per_shard(lambda xs, ws: _forward(xs, ws, None, strides, padding), mesh, axis, (x,), (w,))
+    return _per_shard(lambda xs, ws, bs: _forward(xs, ws, bs, strides, padding), mesh, axis, (x,), (w, b))
 
 
-def _conv_fwd(x, w, strides, padding, mesh, axis):
-    return _conv(x, w, strides, padding, mesh, axis), (x, w)
+def _conv_fwd(x, w, b, strides, padding, mesh, axis):
+    return _conv(x, w, b, strides, padding, mesh, axis), (x, w, b)
 
 
 def _conv_bwd(strides, padding, mesh, axis, saved, g):
     """dx by oneDNN's backward-data kernel (no float32 copy of the weights on XLA:CPU); dw by XLA's transposed
-    convolution (XLA drops it when nothing needs it, e.g. frozen weights under LoRA)."""
-    x, w = saved
+    convolution and db by a sum (XLA drops both when nothing needs them, e.g. frozen weights under LoRA)."""
+    x, w, b = saved
     g = g.astype(x.dtype)
     dx = _per_shard(lambda gs, ws: _backward_data(gs, ws, (gs.shape[0],) + x.shape[1:], strides, padding),
                     mesh, axis, (g,), (w,))
     _, vjp = jax.vjp(lambda w: _xla_conv(x, w, strides, padding), w)
     (dw,) = vjp(g)
-    return dx, dw
+    db = None if b is None else g.sum((0, 1, 2), dtype=jnp.float32).astype(b.dtype)
+    return dx, dw, db
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -236,9 +245,20 @@ def conv_general_dilated_fn(mesh: Mesh | None = None, axis: str = "data"):
                                             dimension_numbers, feature_group_count, batch_group_count, precision,
                                             preferred_element_type)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, mesh, axis)
+        return _conv(lhs, rhs, None, tuple(int(s) for s in window_strides), pads, mesh, axis)
 
     return conv_general_dilated
+
+
+def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, strides: tuple[int, int],
+           padding: tuple[tuple[int, int], tuple[int, int]], mesh: Mesh | None = None, axis: str = "data") -> jax.Array:
+    """conv(x, w) + b, NHWC/HWIO, by the oneDNN kernel with the bias added in it (per batch shard of `mesh`'s
+    `axis`) where it applies (bfloat16 or float32, one dtype, a batch that splits over the mesh); XLA otherwise.
+    x [N, H, W, C], w [KH, KW, C, O], b [O] -> [N, OH, OW, O]. Needs `load()` to have run."""
+    shards = 1 if mesh is None else mesh.shape[axis]
+    if x.dtype == w.dtype == b.dtype and jnp.dtype(x.dtype) in DTYPES and x.shape[0] % shards == 0:
+        return _conv(x, w, b, tuple(strides), tuple(padding), mesh, axis)
+    return _xla_conv(x, w, strides, padding) + b
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None = None, axis: str = "data") -> jax.Array:

@@ -112,6 +112,7 @@ class Pipeline:
         self.dtype = models.unet.dtype
         self._progress = _Progress()
         self._compiled: dict = {}
+        self._signatures: set = set()  # (jitted function, argument shapes and statics) compiled ahead (`_compile`)
         # ControlNet params as the jobs take them (this pipeline's dtype, replicated), by id of the ControlNetModel
         # (kept in the value, so an id is never reused while cached).
         self._control_params: dict[int, tuple[Any, Any]] = {}
@@ -143,6 +144,7 @@ class Pipeline:
         view.models = self.models.astype(dtype).for_mesh(self.mesh)  # the kernels for the new dtype
         view.dtype = dtype
         view._compiled = {}  # other modules: their own jitted functions
+        view._signatures = set()
         view._control_params = {}  # ControlNet params are cast to the pipeline's dtype: a cache per dtype
         return view
 
@@ -159,6 +161,22 @@ class Pipeline:
         if key not in self._compiled:
             self._compiled[key] = jit_job(models, self.mesh, job, self.optimization_effort)
         return self._compiled[key]
+
+    def _compile(self, fn, args: tuple, options: dict) -> None:
+        """Compiles `fn` for these arguments ahead of the call when it is the first call of its kind, then hands the
+        compiler's freed memory back to the OS (`process.release_free_heap`); jit's call reuses the executable.
+
+        Why: XLA's compile leaves a few hundred MB freed in malloc's arenas, resident all through the run that
+        follows. Returning it before the run lowers the process's peak (fp32 SD1.5 txt2img at 512x512: 5.53 ->
+        5.36 GiB, measured with /proc's VmHWM); the call itself is unchanged."""
+        leaves, tree = jax.tree.flatten(args)
+        signature = (id(fn), tree, tuple((np.shape(a), str(np.result_type(a)), getattr(a, "sharding", None))
+                                         for a in leaves), tuple(sorted(options.items(), key=lambda kv: kv[0])))
+        if signature in self._signatures:
+            return
+        fn.lower(*args, **options).compile()
+        process.release_free_heap()
+        self._signatures.add(signature)
 
     def _controlnet_params(self, controls: control_lib.Prepared) -> tuple:
         """The ControlNets' params in this pipeline's dtype, replicated on the mesh (placed once per model)."""
@@ -387,11 +405,14 @@ class Pipeline:
         batch = parallel.put_batch({k: parallel.pad_batch(v, size) for k, v in batch.items()}, self.mesh)
         show = _want_progress(progress)
         args = (jnp.int32(first),) if JOBS[job].from_image else ()
+        fn = self._jitted(job, controls)
+        call = (params, parallel.put_replicated(schedule, self.mesh), batch, jnp.float32(req.guidance_scale), *args,
+                control)
+        options = dict(use_cfg=req.use_cfg, clip_skip=req.clip_skip, progress=self._progress if show else None,
+                       **static)
+        self._compile(fn, call, options)
         with _progress_bar(self._progress, schedule.num_calls, first, show):
-            out, final = self._jitted(job, controls)(
-                params, parallel.put_replicated(schedule, self.mesh), batch, jnp.float32(req.guidance_scale),
-                *args, control, use_cfg=req.use_cfg, clip_skip=req.clip_skip,
-                progress=self._progress if show else None, **static)
+            out, final = fn(*call, **options)
         # Multi-process: every process made this same call and gets the whole batch back (an all-gather).
         pixels, final = parallel.to_host(out)[:b], parallel.to_host(final)[:b]
         return self._result(pixels, final, req, schedule, **req.text_settings, **extra,

@@ -6,6 +6,9 @@ The CLI turns them on (`sdjax generate ...`); library users call them themselves
     sdjax.enable_compilation_cache()       # a second process reads compiled programs instead of compiling
     sdjax.process.exit_on_interrupt()      # Ctrl-C/SIGTERM end the process at once: one line, exit 130/143
 
+`release_free_heap` changes no setting (it hands malloc's free memory back to the OS); `Pipeline` calls it after
+each compile.
+
 This module imports no jax at import time: the command line installs its signal handling before the heavy
 imports, so a Ctrl-C during them is handled too.
 """
@@ -35,6 +38,19 @@ def tune_malloc() -> bool:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl...): nothing to tune
+        return False
+
+
+def release_free_heap() -> bool:
+    """glibc's ``malloc_trim(0)``: the memory malloc holds free (in any arena) goes back to the OS. Changes no
+    setting; `Pipeline` calls it after compiling a job (see `Pipeline._compile`). Linux/glibc only; returns True
+    if it ran."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):  # not glibc (musl...)
         return False
 
 

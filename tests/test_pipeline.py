@@ -72,6 +72,29 @@ def test_prompt_seed_and_guidance_changes_do_not_recompile(pipe):
     assert compiles
 
 
+def test_new_shapes_compile_ahead_once_and_return_the_compilers_memory(pipe, monkeypatch):
+    """A call with new shapes compiles its job ahead (`Pipeline._compile`), hands malloc's free memory back after
+    it, and the call reuses that executable: as many compilations as without the ahead step. A repeated call
+    does neither."""
+    from sdjax import pipeline as sdp
+    from sdjax import process
+
+    kw = dict(steps=2, width=64, scheduler="ddim", progress=False, seeds=1)
+    pipe.txt2img("a cube", height=64, **kw)  # the pipeline's other first-time compilations
+    released = []
+    monkeypatch.setattr(process, "release_free_heap", lambda: released.append(1) or True)
+    with count_compiles() as ahead:
+        first = pipe.txt2img("a cube", height=72, **kw)
+    assert released == [1]
+    with count_compiles() as again:
+        second = pipe.txt2img("a cube", height=72, **kw)
+    assert again == [] and released == [1] and np.array_equal(first.pixels, second.pixels)
+    monkeypatch.setattr(sdp.Pipeline, "_compile", lambda self, fn, args, options: None)
+    with count_compiles() as plain:
+        pipe.txt2img("a cube", height=80, **kw)  # new shapes, compiled by the call alone
+    assert len(ahead) == len(plain) > 0 and released == [1]
+
+
 def test_optimization_effort_reaches_each_job(tiny_sd_folder, pipe, monkeypatch):
     """load_pipeline(optimization_effort=) is checked first and compiles every job with it; on CPU it leaves
     the images as they were."""
