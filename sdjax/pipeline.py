@@ -204,7 +204,7 @@ class Pipeline:
         if source.config != self.models.vae.config:
             self.models = sampling.Models(self.models.text_encoder, self.models.unet,
                                           self.models.vae.clone(config=source.config))
-            self._compiled = {}
+            self._compiled, self._signatures = {}, set()
         self.params = {**self.params, "vae": vae}
         self.base_params = {**self.base_params, "vae": vae}
         self.vae_name = source.name
