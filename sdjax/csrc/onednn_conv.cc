@@ -142,23 +142,17 @@ ffi::Error ConvBias(ffi::Buffer<T> in, ffi::Buffer<T> w, ffi::Buffer<T> bias, ff
 
 }  // namespace
 
+// Every convolution handler's attributes (stride and padding), after its buffers.
+#define SDJAX_CONV_ATTRS                                                                      \
+  .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top").Attr<int64_t>("pad_bottom") \
+      .Attr<int64_t>("pad_left").Attr<int64_t>("pad_right")
+
 #define SDJAX_CONV_HANDLER(name, type, backward)                                              \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (Conv<type, backward>),                                  \
                                 ffi::Ffi::Bind()                                               \
                                     .Arg<ffi::Buffer<type>>()                                  \
                                     .Arg<ffi::Buffer<type>>()                                  \
-                                    .Ret<ffi::Buffer<type>>()                                  \
-                                    .Attr<int64_t>("stride_h")                                 \
-                                    .Attr<int64_t>("stride_w")                                 \
-                                    .Attr<int64_t>("pad_top")                                  \
-                                    .Attr<int64_t>("pad_bottom")                               \
-                                    .Attr<int64_t>("pad_left")                                 \
-                                    .Attr<int64_t>("pad_right"));
-
-SDJAX_CONV_HANDLER(SdjaxOnednnConvBF16, ffi::DataType::BF16, false)
-SDJAX_CONV_HANDLER(SdjaxOnednnConvF32, ffi::DataType::F32, false)
-SDJAX_CONV_HANDLER(SdjaxOnednnConvBackwardDataBF16, ffi::DataType::BF16, true)
-SDJAX_CONV_HANDLER(SdjaxOnednnConvBackwardDataF32, ffi::DataType::F32, true)
+                                    .Ret<ffi::Buffer<type>>() SDJAX_CONV_ATTRS);
 
 #define SDJAX_CONV_BIAS_HANDLER(name, type)                                                   \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (ConvBias<type>),                                        \
@@ -166,13 +160,11 @@ SDJAX_CONV_HANDLER(SdjaxOnednnConvBackwardDataF32, ffi::DataType::F32, true)
                                     .Arg<ffi::Buffer<type>>()                                  \
                                     .Arg<ffi::Buffer<type>>()                                  \
                                     .Arg<ffi::Buffer<type>>()                                  \
-                                    .Ret<ffi::Buffer<type>>()                                  \
-                                    .Attr<int64_t>("stride_h")                                 \
-                                    .Attr<int64_t>("stride_w")                                 \
-                                    .Attr<int64_t>("pad_top")                                  \
-                                    .Attr<int64_t>("pad_bottom")                               \
-                                    .Attr<int64_t>("pad_left")                                 \
-                                    .Attr<int64_t>("pad_right"));
+                                    .Ret<ffi::Buffer<type>>() SDJAX_CONV_ATTRS);
 
+SDJAX_CONV_HANDLER(SdjaxOnednnConvBF16, ffi::DataType::BF16, false)
+SDJAX_CONV_HANDLER(SdjaxOnednnConvF32, ffi::DataType::F32, false)
+SDJAX_CONV_HANDLER(SdjaxOnednnConvBackwardDataBF16, ffi::DataType::BF16, true)
+SDJAX_CONV_HANDLER(SdjaxOnednnConvBackwardDataF32, ffi::DataType::F32, true)
 SDJAX_CONV_BIAS_HANDLER(SdjaxOnednnConvBiasBF16, ffi::DataType::BF16)
 SDJAX_CONV_BIAS_HANDLER(SdjaxOnednnConvBiasF32, ffi::DataType::F32)
