@@ -28,6 +28,11 @@ With --controlnets N, txt2img runs with N ControlNets (a random SD1.5 ControlNet
 Printed too: the model's FLOPs per image from XLA's cost analysis (CLIP + steps x UNet + VAE, attention counted
 as the plain form) and, on a GPU listed in PEAK_TFLOPS, the achieved fraction of the chip's dense peak.
 
+Environment: on CPU, run it where nothing but a CPU install and the reference is installed,
+    python -m venv .venv-bench && .venv-bench/bin/pip install -e ".[bench]" && .venv-bench/bin/python scripts/bench.py
+The test extra's jax[cuda12] and jax[tpu] runtimes are mapped into sdjax's worker even on CPU (0.3-0.4 GiB
+resident; `jax_plugins`); the bench warns when it finds them and records them with the results.
+
 Writes JSON (`--json`) with every raw time and the sdjax/torch ratios; `--write-readme` replaces the README
 section between <!-- bench:start --> and <!-- bench:end --> with the table.
 """
@@ -533,6 +538,24 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
+def jax_plugins() -> list[str]:
+    """The accelerator runtimes jax would load in this environment, from package metadata alone (nothing imported):
+    PJRT plugins (the `jax_plugins` entry points: jax[cuda12]'s) and libtpu (jax[tpu]). jax maps their libraries
+    into every process that initialises a backend, CPU-only ones included: measured on this bench's machine, an
+    environment with both resides 0.38 GiB more after `jax.devices()` than a CPU install (0.30 GiB with
+    JAX_PLATFORMS=cpu, which skips libtpu but not the CUDA plugin). CPU memory figures from such an environment
+    are not what a CPU user's install (`pip install -e ".[cpu]"`) has; the `bench` extra makes one that is."""
+    from importlib import metadata
+
+    found = sorted({f"{e.dist.name if e.dist else e.name}" for e in metadata.entry_points(group="jax_plugins")})
+    try:
+        metadata.version("libtpu")
+        found.append("libtpu")
+    except metadata.PackageNotFoundError:
+        pass
+    return found
+
+
 def machine_info(workers_info: dict) -> dict:
     info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "python": platform.python_version(),
             "platform": platform.platform(), "cpu": _cpu_name(), "cores": os.cpu_count(),
@@ -544,8 +567,15 @@ def machine_info(workers_info: dict) -> dict:
             info[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             info[pkg] = None
+    info["jax_plugins"] = jax_plugins()
     info.update(workers_info)
     return info
+
+
+def _has_accelerator() -> bool:
+    """An NVIDIA GPU or a TPU on this machine, judged from /dev and /sys without importing jax (the parent
+    process stays free of it)."""
+    return Path("/dev/nvidiactl").exists() or Path("/dev/accel0").exists() or any(Path("/dev").glob("vfio/[0-9]*"))
 
 
 def _cpu_name() -> str:
@@ -608,6 +638,11 @@ def main(argv=None) -> dict:
 
     parts = [x for x in a.parts.split(",") if x]
     frameworks = [x for x in a.frameworks.split(",") if x]
+    if "sdjax" in frameworks and jax_plugins() and not _has_accelerator():
+        _log("warning: this environment has jax accelerator runtimes installed (" + ", ".join(jax_plugins())
+             + "): jax maps their libraries into sdjax's worker on CPU too (~0.3-0.4 GiB of its resident memory), "
+             "which a CPU install does not have. For CPU memory figures run the bench in an environment of its own: "
+             'python -m venv .venv-bench && .venv-bench/bin/pip install -e ".[bench]"')
     if a.model == DEFAULT_MODEL:
         ensure_checkpoint(a.model)
     if a.controlnets and a.controlnet == DEFAULT_CONTROLNET and not (a.controlnet / "config.json").exists():
@@ -772,6 +807,8 @@ def write_readme(res, path: Path = ROOT / "README.md") -> None:
     m = res["machine"]
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
     dev = m.get("sdjax_device") or m.get("torch_device") or ""
+    runtimes = m.get("jax_plugins")
+    runtimes = ", ".join(runtimes) if runtimes else ("none" if "jax_plugins" in m else "not recorded")
     body = "\n".join([
         start,
         "## Benchmark: sdjax vs the PyTorch reference",
@@ -784,7 +821,8 @@ def write_readme(res, path: Path = ROOT / "README.md") -> None:
         f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('mem_gib')} GiB){', ' + dev if dev else ''}; "
         f"{m.get('platform')}. Versions: python {m.get('python')}, jax {m.get('jax')}, jaxlib {m.get('jaxlib')}, "
         f"flax {m.get('flax')}, torch {m.get('torch')}, diffusers {m.get('diffusers')}, "
-        f"transformers {m.get('transformers')}. Date: {m.get('date')}.",
+        f"transformers {m.get('transformers')}. jax accelerator runtimes installed: "
+        f"{runtimes}. Date: {m.get('date')}.",
         "",
         f"Command: `{res['command']}`",
         "",
