@@ -547,7 +547,7 @@ def jax_plugins() -> list[str]:
     are not what a CPU user's install (`pip install -e ".[cpu]"`) has; the `bench` extra makes one that is."""
     from importlib import metadata
 
-    found = sorted({f"{e.dist.name if e.dist else e.name}" for e in metadata.entry_points(group="jax_plugins")})
+    found = sorted({e.dist.name if e.dist else e.name for e in metadata.entry_points(group="jax_plugins")})
     try:
         metadata.version("libtpu")
         found.append("libtpu")
@@ -573,8 +573,8 @@ def machine_info(workers_info: dict) -> dict:
 
 
 def _has_accelerator() -> bool:
-    """An NVIDIA GPU or a TPU on this machine, judged from /dev and /sys without importing jax (the parent
-    process stays free of it)."""
+    """An NVIDIA GPU or a TPU on this machine, judged from /dev without importing jax (the parent process stays
+    free of it)."""
     return Path("/dev/nvidiactl").exists() or Path("/dev/accel0").exists() or any(Path("/dev").glob("vfio/[0-9]*"))
 
 
@@ -638,8 +638,9 @@ def main(argv=None) -> dict:
 
     parts = [x for x in a.parts.split(",") if x]
     frameworks = [x for x in a.frameworks.split(",") if x]
-    if "sdjax" in frameworks and jax_plugins() and not _has_accelerator():
-        _log("warning: this environment has jax accelerator runtimes installed (" + ", ".join(jax_plugins())
+    runtimes = jax_plugins()
+    if "sdjax" in frameworks and runtimes and not _has_accelerator():
+        _log("warning: this environment has jax accelerator runtimes installed (" + ", ".join(runtimes)
              + "): jax maps their libraries into sdjax's worker on CPU too (~0.3-0.4 GiB of its resident memory), "
              "which a CPU install does not have. For CPU memory figures run the bench in an environment of its own: "
              'python -m venv .venv-bench && .venv-bench/bin/pip install -e ".[bench]"')
